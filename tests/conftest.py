@@ -1,0 +1,32 @@
+"""Shared fixtures: where the test data lives, small deterministic helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("KANVOLUTION_DATA")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The MNIST / Fashion-MNIST IDX files laid out as ``DIR/{mnist,fashion-mnist}/*.gz``."""
+    path = _shared_data_dir()
+    if not (path / "fashion-mnist").is_dir():
+        pytest.fail(f"test data not found at {path}; set KANVOLUTION_DATA to the folder holding fashion-mnist/ and mnist/")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
