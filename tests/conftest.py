@@ -30,3 +30,9 @@ def shared_data_dir() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    # Two xdist workers on two cores: one torch thread each, or they fight over the cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)

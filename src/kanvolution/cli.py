@@ -1,0 +1,546 @@
+"""The ``kanvolution`` command: train, evaluate, list models, make tables, reproduce the paper.
+
+``bench`` and ``inspect`` live in their own modules and are imported only when asked for, so
+a problem in one of them never breaks the other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EXTERNAL_COMMANDS", "CliError", "build_parser", "main"]
+
+PROG = "kanvolution"
+
+# Subcommands implemented elsewhere: each module has add_arguments(parser) and run(args) -> int.
+EXTERNAL_COMMANDS: dict[str, str] = {"bench": "kanvolution.bench", "inspect": "kanvolution.inspection"}
+_EXTERNAL_HELP = {
+    "bench": "time the KAN layers and models (ratios against the paper's implementation and plain convolutions)",
+    "inspect": "look inside a trained model: its learned functions and feature maps",
+}
+_EXTRAS = {"torchmetrics": "train", "tqdm": "train", "matplotlib": "train", "optuna": "tune"}
+
+
+class CliError(Exception):
+    """A user error reported as one line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the commands
+
+
+def _check_model(name: str) -> None:
+    from kanvolution.models import list_models
+
+    names = list_models()
+    if name not in names:
+        raise CliError(f"unknown model {name!r}; valid models: {', '.join(names)}", code=2)
+
+
+def _check_dataset(name: str) -> None:
+    from kanvolution.data import DATASETS
+
+    if name not in DATASETS:
+        raise CliError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}", code=2)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# train / evaluate / demo
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir", help="folder holding mnist/ and fashion-mnist/ (default: kanvolution.data's search path)"
+    )
+    p.add_argument("--no-download", dest="download", action="store_false", help="never fetch missing data files")
+    p.add_argument(
+        "--max-train-samples", type=_positive_int, metavar="N", help="use only the first N training images (quick runs)"
+    )
+    p.add_argument(
+        "--max-test-samples", type=_positive_int, metavar="N", help="use only the first N test images (quick runs)"
+    )
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, default=None, help="no progress bars"
+    )
+
+
+def _add_train_parser(sub: Any) -> None:
+    from kanvolution.train import DEFAULT_GRID_SIZE, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="train one model and write its run folder",
+        description="Train one model; write OUT/checkpoint.pt, OUT/results.json and OUT/learning_curves.png.",
+    )
+    p.add_argument("--model", required=True, help="a name from `kanvolution models`")
+    p.add_argument(
+        "--grid-size",
+        type=_positive_int,
+        help=f"KAN grid intervals (default: {DEFAULT_GRID_SIZE} for models with KAN layers)",
+    )
+    p.add_argument("--dataset", required=True, help="mnist or fashion-mnist")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr:g})")
+    p.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default: {d.weight_decay:g})"
+    )
+    p.add_argument(
+        "--lr-schedule", choices=("none", "cosine"), default=d.lr_schedule, help="(default: none, as in the paper)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help=f"torch seed (default: {d.seed})")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="hold out this part of the training set and evaluate on it each epoch (paper's search: 0.2; default: 0)",
+    )
+    _add_data_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(_handler=_cmd_train)
+
+
+def _train_config_from_args(args: argparse.Namespace) -> Any:
+    from kanvolution.train import TrainConfig
+
+    _check_model(args.model)
+    _check_dataset(args.dataset)
+    return TrainConfig(
+        model=args.model,
+        grid_size=args.grid_size,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_schedule=args.lr_schedule,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        max_train_samples=args.max_train_samples,
+        max_test_samples=args.max_test_samples,
+        device=args.device,
+        num_threads=args.threads,
+        progress=args.progress,
+    )
+
+
+def _print_summary(results: dict[str, Any], out: str | os.PathLike[str]) -> None:
+    from kanvolution.results import markdown_table, rows_from_results
+
+    print(
+        f"{results['name']} on {results['dataset']}: {results['epochs_completed']} epochs,"
+        f" {results['params']:,} parameters -> {out}"
+    )
+    for key in ("test", "test_val_selected", "test_last"):
+        block = results.get(key)
+        if block:
+            print(
+                f"  {block['selection']} (epoch {block['epoch']}):"
+                f" accuracy {100 * block['accuracy']:.2f}%, F1 {100 * block['f1']:.2f}%"
+            )
+    rows, _ = rows_from_results([Path(out) / "results.json"])
+    if rows:
+        print()
+        print(markdown_table(rows, compare_paper=rows[0].paper is not None), end="")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from kanvolution.train import train
+
+    config = _train_config_from_args(args)
+    config.validate()
+    results = train(config, args.out, resume=args.resume, log=print if _is_main_process() else None)
+    if _is_main_process():
+        print()
+        _print_summary(results, args.out)
+    return 0
+
+
+def _add_evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="re-evaluate a run's checkpoint on the test set",
+        description="Re-evaluate RUN_DIR/checkpoint.pt on the test set and print the metrics.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="where the data lives, if not where the run found it")
+    p.add_argument("--device", help="overrides the run's device")
+    p.add_argument("--max-test-samples", type=_positive_int, metavar="N", help="overrides the run's test subsample")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(_handler=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from kanvolution.train import evaluate, load_checkpoint
+
+    if not (Path(args.run_dir) / "checkpoint.pt").is_file():
+        raise CliError(f"no checkpoint.pt in {args.run_dir}")
+    metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device, max_test_samples=args.max_test_samples)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    config = load_checkpoint(args.run_dir)["config"]
+    print(
+        f"{args.run_dir}: {config['model']} on {config['dataset']}, weights of epoch {metrics['epoch']},"
+        f" {metrics['test_samples']} test images"
+    )
+    print(
+        f"loss {metrics['loss']:.4f}  accuracy {100 * metrics['accuracy']:.2f}%"
+        f"  precision {100 * metrics['precision']:.2f}%"
+        f"  recall {100 * metrics['recall']:.2f}%  F1 {100 * metrics['f1']:.2f}%"
+    )
+    return 0
+
+
+def _add_demo_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train KANC MLP (Medium, gs = 10) on Fashion-MNIST for a few epochs and print its table row",
+        description=(
+            "Train KANC MLP (Medium) (gs = 10) on Fashion-MNIST (lr 1e-3, weight decay 1e-4, batch 128) and print"
+            " its row of the paper's table beside the paper's numbers. Running it again resumes the same run."
+        ),
+    )
+    p.add_argument("--epochs", type=_positive_int, default=2, help="(default: 2; the paper trains up to 20)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    _add_data_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(_handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kanvolution.train import TrainConfig, train
+
+    config = TrainConfig(
+        model="kanc_mlp_medium",
+        grid_size=10,
+        dataset="fashion-mnist",
+        data_dir=args.data_dir,
+        download=args.download,
+        epochs=args.epochs,
+        batch_size=128,
+        lr=1e-3,
+        weight_decay=1e-4,
+        max_train_samples=args.max_train_samples,
+        max_test_samples=args.max_test_samples,
+        device=args.device,
+        num_threads=args.threads,
+        progress=args.progress,
+    )
+    print(f"KANC MLP (Medium) (gs = 10) on Fashion-MNIST, {args.epochs} epochs -> {args.out}")
+    results = train(config, args.out, resume=True)
+    print()
+    _print_summary(results, args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# models / table
+
+
+def _add_models_parser(sub: Any) -> None:
+    p = sub.add_parser("models", help="list the model zoo with the paper's names and parameter counts")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'kkan*'")
+    p.set_defaults(_handler=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from kanvolution.models import create_model, list_models, model_info
+    from kanvolution.train import count_parameters
+
+    names = list_models(args.pattern)
+    if not names:
+        raise CliError(f"no model matches {args.pattern!r}; valid models: {', '.join(list_models())}", code=2)
+    rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)")]
+    for name in names:
+        info = model_info(name)
+        if info.has_kan:
+            counts = [f"{count_parameters(create_model(name, grid_size=g)):,}" for g in (10, 20)]
+        else:
+            counts = [f"{count_parameters(create_model(name)):,}", ""]
+        rows.append((name, info.table_name, *counts))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+        )
+    return 0
+
+
+def _add_table_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "table",
+        help="the paper's results table from results.json files",
+        description=(
+            "Print the paper's table layout (Model | Accuracy | Precision | Recall | F1 Score | # Params | Minutes per"
+            " epoch) from results.json files. A RUN_DIR may be a run folder, a results.json, or a folder searched"
+            " recursively."
+        ),
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
+    p.add_argument("--compare-paper", action="store_true", help="add the paper's Fashion-MNIST numbers beside ours")
+    p.add_argument(
+        "--selection",
+        choices=("paper", "val", "last"),
+        default="paper",
+        help="which epoch a row reports: the best test epoch as in the paper (default), the validation-selected one,"
+        " or the last",
+    )
+    p.set_defaults(_handler=_cmd_table)
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from kanvolution.results import csv_table, find_results, markdown_table, rows_from_results
+
+    files = find_results(args.run_dirs)
+    rows, skipped = rows_from_results(files, args.selection)
+    if not rows:
+        raise CliError(
+            f"no results.json with test metrics for selection {args.selection!r} under {' '.join(args.run_dirs)}"
+        )
+    if skipped:
+        print(f"({len(skipped)} results.json without such test metrics skipped, e.g. search runs)", file=sys.stderr)
+    print(csv_table(rows, args.compare_paper) if args.csv else markdown_table(rows, args.compare_paper), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# reproduce
+
+
+def _add_reproduce_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's experiment: search, final runs, table beside the paper's",
+        description=(
+            "Per model and grid size: an Optuna study runs the paper's 8 random combinations of lr x weight decay x"
+            " batch size (NumPy seed 42), each up to --epochs epochs on an 80/20 split; the best (combination, epoch"
+            " count) is"
+            " retrained on the whole training set and tested every epoch. Re-running resumes. Writes OUT/table.md."
+        ),
+    )
+    p.add_argument("--dataset", default="fashion-mnist", help="(default: fashion-mnist, the paper's table)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--models", nargs="+", metavar="NAME", help="registry names (default: the 11 models of the paper's table)"
+    )
+    p.add_argument(
+        "--grid-sizes",
+        nargs="+",
+        type=_positive_int,
+        default=[10, 20],
+        metavar="G",
+        help="for models with KAN layers (default: 10 20)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("paper", "fixed"),
+        default="paper",
+        help="paper: search then retrain; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=20,
+        help="search budget per trial, or training length with --protocol fixed (default: 20)",
+    )
+    p.add_argument(
+        "--trials", type=_positive_int, default=8, help="how many of the paper's 8 combinations to run (default: 8)"
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite:///OUT/study.db)",
+    )
+    p.add_argument(
+        "--search-only",
+        action="store_true",
+        help="run search trials only, no final runs (for extra workers on a shared --storage)",
+    )
+    _add_data_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(_handler=_cmd_reproduce)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from kanvolution.tune import PAPER_MODELS, ReproduceConfig, reproduce
+
+    _check_dataset(args.dataset)
+    models = args.models or list(PAPER_MODELS)
+    for name in models:
+        _check_model(name)
+    if args.trials > 8:
+        raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}", code=2)
+    cfg = ReproduceConfig(
+        out=args.out,
+        dataset=args.dataset,
+        models=models,
+        grid_sizes=args.grid_sizes,
+        protocol=args.protocol,
+        epochs=args.epochs,
+        trials=args.trials,
+        storage=args.storage,
+        search_only=args.search_only,
+        data_dir=args.data_dir,
+        download=args.download,
+        max_train_samples=args.max_train_samples,
+        max_test_samples=args.max_test_samples,
+        device=args.device,
+        num_threads=args.threads,
+        progress=args.progress,
+    )
+    reproduce(cfg)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# bench / inspect (other modules)
+
+
+def _unavailable(name: str, module: str, err: BaseException) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        raise CliError(f"the {name!r} command is unavailable: {module} failed to load ({type(err).__name__}: {err})")
+
+    return handler
+
+
+def _add_external_parser(sub: Any, name: str, load: bool) -> None:
+    module = EXTERNAL_COMMANDS[name]
+    if not load:
+        # Only its help line is shown; the module is imported when the command is run.
+        sub.add_parser(name, help=_EXTERNAL_HELP[name], add_help=False)
+        return
+    try:
+        mod = importlib.import_module(module)
+        p = sub.add_parser(
+            name, help=_EXTERNAL_HELP[name], description=(mod.__doc__ or "").strip().split("\n\n")[0] or None
+        )
+        mod.add_arguments(p)
+    except Exception as err:  # a broken module must not break the other commands
+        p = sub.add_parser(name, help=_EXTERNAL_HELP[name], prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(_handler=_unavailable(name, module, err))
+        return
+    p.set_defaults(_handler=lambda args: importlib.import_module(module).run(args))
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``bench``/``inspect`` get their full arguments only when ``command`` names them."""
+    from kanvolution import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Convolutional Kolmogorov-Arnold Networks: train, evaluate, compare with the paper."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_models_parser(sub)
+    _add_table_parser(sub)
+    _add_reproduce_parser(sub)
+    _add_demo_parser(sub)
+    for name in EXTERNAL_COMMANDS:
+        _add_external_parser(sub, name, load=command == name)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from kanvolution.train import ConfigError, NonFiniteLossError, RunExistsError
+
+    errors: list[type[BaseException]] = [ConfigError, NonFiniteLossError, RunExistsError, FileNotFoundError]
+    try:
+        from kanvolution.data import CorruptDatasetError, DatasetNotFoundError
+
+        errors += [DatasetNotFoundError, CorruptDatasetError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
+    args = parser.parse_args(argv)
+    handler = getattr(args, "_handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except CliError as err:
+        _error(str(err))
+        return err.code
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); stop quietly as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        _error("interrupted (a training run resumes with --resume; reproduce resumes when run again)")
+        return 130
+    except ModuleNotFoundError as err:
+        if err.name in _EXTRAS:
+            _error(f"this command needs {err.name}: pip install 'kanvolution[{_EXTRAS[err.name]}]'")
+            return 1
+        raise
+    except Exception as err:
+        if isinstance(err, _expected_errors()):
+            from kanvolution.train import ConfigError
+
+            _error(str(err))
+            return 2 if isinstance(err, ConfigError) else 1
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Tests of the ``kanvolution`` command line (kanvolution.cli and kanvolution.results)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kanvolution import cli
+from kanvolution.cli import main
+from kanvolution.results import PAPER_RESULTS, format_params, paper_result
+
+
+def _small(shared_data_dir, *extra):
+    return [
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(shared_data_dir),
+        "--no-download",
+        "--max-train-samples",
+        "512",
+        "--max-test-samples",
+        "256",
+        "--no-progress",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, shared_data_dir):
+    """One real tiny training run through the CLI, shared by the table and evaluate tests."""
+    out = tmp_path_factory.mktemp("runs") / "cnn_small"
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn_small",
+                "--epochs",
+                "2",
+                "--out",
+                str(out),
+                "--val-fraction",
+                "0.2",
+                *_small(shared_data_dir),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_train_end_to_end(run_dir, capsys):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs_completed"] == 2 and results["status"] == "finished"
+    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "learning_curves.png").is_file()
+
+
+def test_train_prints_epochs_and_row(tmp_path, shared_data_dir, capsys):
+    assert (
+        main(["train", "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path / "r"), *_small(shared_data_dir)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "| CNN (Small) |" in out
+    # Running again without --resume refuses in one line; with it, the finished run is kept.
+    assert (
+        main(["train", "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path / "r"), *_small(shared_data_dir)])
+        == 1
+    )
+    assert "already holds a run" in _one_line_error(capsys)
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "cnn_small",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                "--resume",
+                *_small(shared_data_dir),
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["train", "--model", "resnet50", "--dataset", "fashion-mnist", "--out", "x"],
+            "unknown model 'resnet50'; valid models: kanc_mlp_small",
+        ),
+        (
+            ["train", "--model", "cnn_small", "--dataset", "cifar10", "--out", "x"],
+            "unknown dataset 'cifar10'; valid datasets: mnist, fashion-mnist",
+        ),
+        (["reproduce", "--models", "nope", "--out", "x"], "unknown model 'nope'"),
+        (["reproduce", "--dataset", "svhn", "--out", "x"], "unknown dataset 'svhn'"),
+    ],
+)
+def test_unknown_names_give_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert needle in _one_line_error(capsys)
+
+
+def test_missing_data_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KANVOLUTION_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = [
+        "train",
+        "--model",
+        "cnn_small",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "empty"),
+        "--no-download",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main(argv) == 1
+    assert "not found" in _one_line_error(capsys)
+
+
+def test_grid_size_on_a_cnn_is_a_usage_error(tmp_path, shared_data_dir, capsys):
+    argv = [
+        "train",
+        "--model",
+        "cnn_small",
+        "--grid-size",
+        "10",
+        "--out",
+        str(tmp_path / "r"),
+        *_small(shared_data_dir),
+    ]
+    assert main(argv) == 2
+    assert "no KAN layers" in _one_line_error(capsys)
+
+
+def test_models_lists_names_paper_names_and_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "kanc_mlp_medium" in out and "KANC MLP (Medium)" in out
+    assert re.search(r"kanc_mlp_medium .* 9,935 +14,885", out)
+    assert re.search(r"cnn_more_convs .* 6,930\s*$", out, re.M)
+    assert main(["models", "kkan*"]) == 0
+    assert "cnn_small" not in capsys.readouterr().out
+
+
+def test_evaluate_prints_metrics(run_dir, capsys):
+    assert main(["evaluate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "weights of epoch 2" in out and "accuracy" in out
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    last = json.loads((run_dir / "results.json").read_text())["history"][-1]
+    assert metrics["accuracy"] == pytest.approx(last["test_accuracy"])
+
+
+def test_evaluate_without_checkpoint(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 1
+    assert "no checkpoint" in _one_line_error(capsys)
+
+
+def test_table_markdown(run_dir, capsys):
+    assert main(["table", str(run_dir.parent)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| Model | Accuracy | Precision | Recall | F1 Score | # Params | Minutes per epoch |"
+    assert len(lines) == 3
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "CNN (Small)"
+    assert all(re.fullmatch(r"\d{1,3}\.\d\d%", c) for c in cells[1:5]), cells
+    assert cells[5] == "1.54K"
+    assert re.fullmatch(r"\d+\.\d{4}", cells[6])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert cells[1] == f"{100 * results['test']['accuracy']:.2f}%"
+
+
+def test_table_compare_paper_and_selection(run_dir, capsys):
+    assert main(["table", str(run_dir), "--compare-paper", "--selection", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "Paper Accuracy" in out and "87.10%" in out and "| 1.54K |" in out
+
+
+def test_table_csv(run_dir, capsys):
+    assert main(["table", str(run_dir / "results.json"), "--csv", "--compare-paper"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 1
+    row = rows[0]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert row["model"] == "cnn_small" and int(row["params"]) == 1540
+    assert float(row["accuracy"]) == pytest.approx(100 * results["test"]["accuracy"])
+    assert float(row["minutes_per_epoch"]) == pytest.approx(results["minutes_per_epoch"])
+    assert float(row["paper_accuracy"]) == 87.10
+
+
+def test_table_without_results(tmp_path, capsys):
+    assert main(["table", str(tmp_path)]) == 1
+    assert "no results.json" in _one_line_error(capsys)
+
+
+def test_paper_table_data():
+    assert len(PAPER_RESULTS) == 18
+    # The paper prints parameter counts in thousands; ours are exact and must round to its text
+    # (one row of the paper rounds 38,485 down).
+    for row in PAPER_RESULTS:
+        if row.params != 38485:
+            assert format_params(row.params) == row.params_text, row
+    assert paper_result("kkan_small", 20).minutes == 1.6336
+
+
+def test_demo_runs(tmp_path, shared_data_dir, capsys):
+    argv = [
+        "demo",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "demo"),
+        "--data-dir",
+        str(shared_data_dir),
+        "--no-download",
+        "--max-train-samples",
+        "256",
+        "--max-test-samples",
+        "128",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| KANC MLP (Medium) (gs = 10) |" in out and "88.99%" in out
+
+
+def test_broken_external_command_does_not_break_others(monkeypatch, capsys):
+    monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "bench", "kanvolution._no_such_module")
+    assert main(["bench", "--anything"]) == 1
+    assert "'bench' command is unavailable" in _one_line_error(capsys)
+    assert main(["models", "cnn_small"]) == 0
+
+
+def test_python_dash_m(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kanvolution", "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("kanvolution ")

@@ -1,0 +1,300 @@
+"""Tests of kanvolution.train: results schema, checkpoints, resume, non-finite loss, DDP sharding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from kanvolution import train as train_mod
+from kanvolution.train import (
+    ConfigError,
+    NonFiniteLossError,
+    RunExistsError,
+    TrainConfig,
+    classification_metrics,
+    evaluate,
+    load_checkpoint,
+    load_results,
+    shard_batch,
+    train,
+)
+
+TIMING_KEYS = {"seconds", "train_seconds", "test_seconds", "val_seconds"}
+
+
+@pytest.fixture
+def tiny(shared_data_dir):
+    """A TrainConfig factory for a small CNN on 512 training / 256 test images."""
+
+    def make(**overrides):
+        options = dict(
+            model="cnn_small",
+            dataset="fashion-mnist",
+            data_dir=str(shared_data_dir),
+            download=False,
+            epochs=2,
+            max_train_samples=512,
+            max_test_samples=256,
+            progress=False,
+        )
+        options.update(overrides)
+        return TrainConfig(**options)
+
+    return make
+
+
+def _untimed(history):
+    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS} for entry in history]
+
+
+def test_results_schema(tiny, tmp_path):
+    results = train(tiny(val_fraction=0.2), tmp_path, log=None)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in (
+        "model",
+        "grid_size",
+        "dataset",
+        "params",
+        "config",
+        "history",
+        "test",
+        "test_val_selected",
+        "minutes_per_epoch",
+        "environment",
+    ):
+        assert key in on_disk, key
+    assert on_disk["model"] == "cnn_small" and on_disk["grid_size"] is None and on_disk["params"] == 1540
+    assert on_disk["name"] == "CNN (Small)"
+    assert on_disk["status"] == "finished"
+    assert set(on_disk["config"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert [e["epoch"] for e in on_disk["history"]] == [1, 2]
+    for entry in on_disk["history"]:
+        for key in (
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "test_precision",
+            "test_recall",
+            "test_f1",
+            "seconds",
+            "val_loss",
+            "val_accuracy",
+            "val_precision",
+            "val_recall",
+            "val_f1",
+        ):
+            assert math.isfinite(entry[key]), key
+        assert 0 <= entry["test_accuracy"] <= 1
+    test = on_disk["test"]
+    assert test["selection"] == "best test epoch (paper)"
+    assert test["accuracy"] == max(e["test_accuracy"] for e in on_disk["history"])
+    assert set(test) == {"epoch", "accuracy", "precision", "recall", "f1", "selection"}
+    val_sel = on_disk["test_val_selected"]
+    best_val = max(on_disk["history"], key=lambda e: e["val_accuracy"])
+    assert val_sel["epoch"] == best_val["epoch"] and val_sel["accuracy"] == best_val["test_accuracy"]
+    expected_minutes = sorted((e["train_seconds"] + e["test_seconds"]) / 60 for e in on_disk["history"])
+    assert on_disk["minutes_per_epoch"] == pytest.approx(sum(expected_minutes) / 2)
+    env = on_disk["environment"]
+    for key in ("python", "torch", "numpy", "torchmetrics", "threads", "device", "platform"):
+        assert env[key], key
+    assert (tmp_path / "learning_curves.png").stat().st_size > 1000
+
+
+def test_checkpoint_loads_with_weights_only(tiny, tmp_path):
+    train(tiny(epochs=1), tmp_path, log=None)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert isinstance(state["config"], dict) and state["config"]["model"] == "cnn_small"
+    assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["shuffle"], torch.Tensor)
+    assert set(state) >= {"model", "optimizer", "scheduler", "history", "config"}
+    # The atomic write leaves no temporary file behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "learning_curves.png", "results.json"]
+
+
+@pytest.mark.parametrize("schedule", ["none", "cosine"])
+def test_resume_is_identical_to_a_straight_run(tiny, tmp_path, schedule):
+    straight = train(tiny(lr_schedule=schedule, val_fraction=0.2), tmp_path / "straight", log=None)
+
+    resumed_dir = tmp_path / "resumed"
+    if schedule == "none":
+        # Train one epoch, then ask for two: the run continues.
+        train(tiny(lr_schedule=schedule, val_fraction=0.2, epochs=1), resumed_dir, log=None)
+    else:
+        # A schedule depends on the epoch count, so interrupt a two-epoch run after its first epoch.
+        def stop(line):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(lr_schedule=schedule, val_fraction=0.2), resumed_dir, log=stop)
+        assert load_checkpoint(resumed_dir)["epoch"] == 1
+    resumed = train(tiny(lr_schedule=schedule, val_fraction=0.2), resumed_dir, resume=True, log=None)
+
+    assert _untimed(resumed["history"]) == _untimed(straight["history"])
+    assert resumed["test"] == straight["test"]
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(resumed_dir)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["rng"]["shuffle"], b["rng"]["shuffle"])
+
+
+def test_resume_checks(tiny, tmp_path):
+    train(tiny(epochs=1), tmp_path, log=None)
+    with pytest.raises(RunExistsError):
+        train(tiny(epochs=1), tmp_path, log=None)
+    with pytest.raises(ConfigError, match="lr"):
+        train(tiny(epochs=2, lr=0.5), tmp_path, resume=True, log=None)
+    # A finished run is returned as is, without training again.
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    lines = []
+    results = train(tiny(epochs=1), tmp_path, resume=True, log=lines.append)
+    assert results["status"] == "finished" and lines == []
+    assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+class _NaNAfter(nn.Module):
+    """Wraps a model; its output turns NaN after ``good_steps`` training forward passes."""
+
+    def __init__(self, inner: nn.Module, good_steps: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.good_steps = good_steps
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.good_steps:
+                return out * float("nan")
+        return out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    build = train_mod._build_model
+    # 512 images at batch 128: four steps an epoch, so the loss turns NaN in epoch 2.
+    monkeypatch.setattr(train_mod, "_build_model", lambda config: _NaNAfter(build(config), good_steps=5))
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 2"):
+        train(tiny(epochs=3), tmp_path, log=None)
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    results = load_results(tmp_path)
+    assert results["status"].startswith("stopped") and len(results["history"]) == 1
+
+
+def test_non_finite_loss_in_first_epoch_writes_no_checkpoint(tiny, tmp_path, monkeypatch):
+    build = train_mod._build_model
+    monkeypatch.setattr(train_mod, "_build_model", lambda config: _NaNAfter(build(config), good_steps=0))
+    with pytest.raises(NonFiniteLossError, match="no checkpoint"):
+        train(tiny(), tmp_path, log=None)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_huge_learning_rate_is_reported(tiny, tmp_path):
+    # lr 1e30 blows the weights up within a step or two; the run must stop, not go on with NaN.
+    with pytest.raises(NonFiniteLossError):
+        train(tiny(lr=1e30, epochs=3), tmp_path, log=None)
+
+
+def test_evaluate_reproduces_the_last_epoch(tiny, tmp_path):
+    results = train(tiny(), tmp_path, log=None)
+    metrics = evaluate(tmp_path)
+    last = results["history"][-1]
+    assert metrics["epoch"] == 2 and metrics["test_samples"] == 256
+    for key in ("loss", "accuracy", "precision", "recall", "f1"):
+        assert metrics[key] == pytest.approx(last[f"test_{key}"], abs=1e-6), key
+
+
+def test_config_validation(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="no KAN layers"):
+        train(tiny(grid_size=10), tmp_path, log=None)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        tiny(val_fraction=1.0).validate()
+    with pytest.raises(ConfigError, match="batch_size"):
+        tiny(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="validation split"):
+        tiny(eval_test=False).validate()
+
+
+def test_kan_model_default_grid_size(tiny, tmp_path):
+    results = train(
+        tiny(model="kanc_mlp_small", epochs=1, max_train_samples=128, max_test_samples=64), tmp_path, log=None
+    )
+    assert results["grid_size"] == 10 and results["params"] == 5310
+    assert results["name"] == "KANC MLP (Small) (gs = 10)"
+
+
+def test_classification_metrics_macro_averages():
+    target = torch.tensor([0, 0, 1, 1, 2, 2])
+    preds = torch.tensor([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(preds, target, num_classes=3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    precision = [1 / 2, 2 / 3, 1.0]
+    recall = [1 / 2, 1.0, 1 / 2]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
+    assert m["precision"] == pytest.approx(sum(precision) / 3)
+    assert m["recall"] == pytest.approx(sum(recall) / 3)
+    assert m["f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_shard_batch_partitions_the_batch():
+    x = torch.arange(11).view(11, 1).float()
+    y = torch.arange(11)
+    shards = [shard_batch(x, y, rank, 3) for rank in range(3)]
+    seen = torch.cat([s[1] for s in shards])
+    assert sorted(seen.tolist()) == list(range(11))
+    assert all(torch.equal(sx.view(-1).long(), sy) for sx, sy in shards)
+    assert shard_batch(x, y, 0, 1)[1] is y
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+    reason="needs torch.distributed and torchrun",
+)
+def test_torchrun_two_processes_match_one(tiny, tmp_path, shared_data_dir):
+    single = train(tiny(), tmp_path / "single", log=None)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "kanvolution",
+        "train",
+        "--model",
+        "cnn_small",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(shared_data_dir),
+        "--no-download",
+        "--epochs",
+        "2",
+        "--max-train-samples",
+        "512",
+        "--max-test-samples",
+        "256",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = load_results(tmp_path / "ddp")
+    assert ddp["environment"]["world_size"] == 2
+    for a, b in zip(single["history"], ddp["history"], strict=True):
+        # Same batches, gradients averaged over the two shards: equal up to float rounding.
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)

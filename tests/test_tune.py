@@ -1,0 +1,163 @@
+"""Tests of kanvolution.tune: the paper's combinations, the Optuna study, resuming, the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from kanvolution.cli import main  # noqa: E402
+from kanvolution.train import load_checkpoint  # noqa: E402
+from kanvolution.tune import PAPER_GRID, ReproduceConfig, paper_combinations, reproduce  # noqa: E402
+
+
+def test_paper_combinations_match_the_papers_draws():
+    # The paper: np.random.seed(42), then np.random.choice per hyperparameter, per combination.
+    np.random.seed(42)
+    expected = [{key: np.random.choice(values).item() for key, values in PAPER_GRID.items()} for _ in range(8)]
+    combos = paper_combinations()
+    assert combos == expected
+    assert combos[0] == {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 128}
+    assert combos[5] == combos[7] == {"lr": 1e-4, "weight_decay": 1e-5, "batch_size": 64}
+    assert isinstance(combos[0]["batch_size"], int) and isinstance(combos[0]["weight_decay"], float)
+
+
+def _argv(out, shared_data_dir, *extra):
+    return [
+        "reproduce",
+        "--out",
+        str(out),
+        "--models",
+        "cnn_small",
+        "--data-dir",
+        str(shared_data_dir),
+        "--no-download",
+        "--max-train-samples",
+        "512",
+        "--max-test-samples",
+        "256",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _trials(out):
+    storage = f"sqlite:///{out / 'study.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert len(names) == 1
+    return optuna.load_study(study_name=names[0], storage=storage).get_trials()
+
+
+def test_reproduce_paper_protocol_and_resume(tmp_path, shared_data_dir, capsys):
+    out = tmp_path / "rep"
+    assert main(_argv(out, shared_data_dir, "--trials", "2", "--epochs", "1")) == 0
+    printed = capsys.readouterr().out
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.params for t in trials] == paper_combinations(2)
+    assert all(t.user_attrs["best_epoch"] == 1 for t in trials)
+
+    summary = json.loads((out / "reproduce.json").read_text())
+    winner = summary["runs"]["cnn_small"]["winner"]
+    best = max(trials, key=lambda t: (t.value, -t.number))
+    assert winner["trial"] == best.number and winner["epochs"] == 1
+    final_dir = out / "cnn_small" / "final" / f"lr0.001_wd0_bs{winner['batch_size']}_e1"
+    assert summary["runs"]["cnn_small"]["final_run"] == str(final_dir)
+    final = json.loads((final_dir / "results.json").read_text())
+    assert final["config"]["batch_size"] == winner["batch_size"] and final["config"]["val_fraction"] == 0
+    assert final["test_val_selected"]["selection"].startswith("epoch count chosen on the validation split")
+    assert final["test"]["selection"] == "best test epoch (paper)"
+    # Search runs train on the 80/20 split and never look at the test set.
+    search = json.loads((out / "cnn_small" / "search" / "lr0.001_wd0_bs128" / "results.json").read_text())
+    assert (
+        search["test"] is None
+        and "val_accuracy" in search["history"][0]
+        and "test_accuracy" not in search["history"][0]
+    )
+
+    table = (out / "table.md").read_text()
+    assert "Best test epoch (the paper's selection)" in table and "validation split (clean)" in table
+    assert table.count("| CNN (Small) |") == 2 and "87.10%" in table
+    assert "| CNN (Small) |" in printed
+
+    # Running again resumes: no new trial, no new training.
+    final_mtime = (final_dir / "checkpoint.pt").stat().st_mtime_ns
+    assert main(_argv(out, shared_data_dir, "--trials", "2", "--epochs", "1")) == 0
+    again = capsys.readouterr().out
+    assert "trial 1/2" not in again and "epoch 1/1" not in again
+    assert len(_trials(out)) == 2
+    assert (final_dir / "checkpoint.pt").stat().st_mtime_ns == final_mtime
+
+
+def test_interrupted_trial_is_resumed(tmp_path, shared_data_dir):
+    cfg = ReproduceConfig(
+        out=str(tmp_path),
+        models=["cnn_small"],
+        trials=1,
+        epochs=2,
+        data_dir=str(shared_data_dir),
+        download=False,
+        max_train_samples=512,
+        max_test_samples=256,
+        progress=False,
+    )
+
+    def interrupt_after_first_epoch(line):
+        if "epoch 1/2" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg, log=interrupt_after_first_epoch)
+    trial_dir = tmp_path / "cnn_small" / "search" / "lr0.001_wd0_bs128"
+    assert load_checkpoint(trial_dir)["epoch"] == 1
+    assert [t.state.name for t in _trials(tmp_path)] == ["FAIL"]
+
+    lines = []
+    reproduce(cfg, log=lines.append)
+    trials = _trials(tmp_path)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    # The retried trial continued from the checkpoint: only epoch 2 was trained in the search.
+    search_epochs = [
+        line
+        for line in lines[: lines.index(next(x for x in lines if "final run" in x))]
+        if "epoch " in line and "/2" in line
+    ]
+    assert len(search_epochs) == 1 and "epoch 2/2" in search_epochs[0]
+    assert len(trials[1].user_attrs["val_accuracy"]) == 2
+
+
+def test_fixed_protocol(tmp_path, shared_data_dir, capsys):
+    out = tmp_path / "fixed"
+    assert main(_argv(out, shared_data_dir, "--protocol", "fixed", "--epochs", "1")) == 0
+    final = json.loads((out / "cnn_small" / "fixed" / "results.json").read_text())
+    assert (final["config"]["lr"], final["config"]["weight_decay"], final["config"]["batch_size"]) == (1e-3, 1e-4, 128)
+    table = (out / "table.md").read_text()
+    assert "fixed hyperparameters" in table and "Last epoch (no selection)" in table
+    assert not (out / "study.db").exists()
+
+
+def test_custom_storage_and_grid_sizes(tmp_path, shared_data_dir):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = ReproduceConfig(
+        out=str(tmp_path / "out"),
+        models=["kanc_mlp_small"],
+        grid_sizes=[5],
+        trials=1,
+        epochs=1,
+        storage=storage,
+        data_dir=str(shared_data_dir),
+        download=False,
+        max_train_samples=128,
+        max_test_samples=64,
+        progress=False,
+    )
+    summary = reproduce(cfg, log=lambda line: None)
+    assert list(summary["runs"]) == ["kanc_mlp_small_gs5"]
+    studies = optuna.get_all_study_summaries(storage)
+    assert len(studies) == 1 and "kanc_mlp_small_gs5" in studies[0].study_name
+    final = json.loads((Path(summary["runs"]["kanc_mlp_small_gs5"]["final_run"]) / "results.json").read_text())
+    assert final["grid_size"] == 5 and final["name"] == "KANC MLP (Small) (gs = 5)"
