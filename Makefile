@@ -16,8 +16,9 @@ $(BIN)/kanvolution: pyproject.toml
 
 setup: $(BIN)/kanvolution
 
+# The venv's bin first on PATH: the optional compiled CPU kernels look for ninja there.
 test: setup
-	$(BIN)/python -m pytest -n 2 src tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 src tests
 
 demo: setup
 	$(BIN)/kanvolution demo --data-dir $(DATA_DIR)

@@ -15,12 +15,16 @@ backward: it is recomputed there, so memory stays close to that of a plain convo
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from fractions import Fraction
 from typing import Callable, Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _cpu_kernels
 
 __all__ = [
     "PaddingMode",
@@ -34,6 +38,7 @@ __all__ = [
     "combine_weights",
     "resolve_padding",
     "pad_input",
+    "release_workspace",
 ]
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
@@ -295,10 +300,93 @@ def _scatter_expansion(out: Tensor, slots: list[Tensor], values: list[Tensor]) -
         out.scatter_(-1, slot.unsqueeze(-1), value.unsqueeze(-1))
 
 
-def _expand_last(x: Tensor, grid: Tensor, spline_order: int, act: Tensor):
-    """Channel-last expansion ``(..., C, G+K+1)``: slot 0 the base term, slot 1+g basis g."""
+_workspace = threading.local()
+
+
+def _zeros_workspace(shape: tuple[int, ...], like: Tensor, zero: bool = True) -> Tensor:
+    """A zeroed scratch tensor; on CPU the memory is kept and reused between calls.
+
+    Fresh multi-megabyte allocations on CPU go back to the operating system when freed, and
+    every new one pays page faults on first touch (measured: ~8x slower zero-filling of the
+    expansion). The buffer is per thread and holds at most one expansion chunk
+    (``EXPANSION_CHUNK_BYTES``); :func:`release_workspace` frees it. ``zero=False`` skips the
+    zero fill, for a caller that overwrites every element.
+    """
+    if like.device.type != "cpu":
+        return like.new_zeros(shape) if zero else like.new_empty(shape)
+    numel = math.prod(shape)
+    buf = getattr(_workspace, "buffer", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype)
+        _workspace.buffer = buf
+    out = buf[:numel].view(shape)
+    return out.zero_() if zero else out
+
+
+def release_workspace() -> None:
+    """Free this thread's cached expansion buffer."""
+    _workspace.buffer = None
+
+
+def _compiled_knots(x: Tensor, grid: Tensor, spline_order: int) -> tuple[Tensor, Tensor] | None:
+    """``(t_0, 1 / h)`` per channel when the compiled CPU loops of :mod:`._cpu_kernels` can expand
+    ``x`` (``(..., C)``) on these knots, else ``None``: the PyTorch code then runs instead."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or grid.dtype != x.dtype
+        or grid.device.type != "cpu"
+        or not 1 <= spline_order <= _cpu_kernels.MAX_ORDER
+        or x.numel() == 0
+        or (torch.is_grad_enabled() and (x.requires_grad or grid.requires_grad))
+        or not _cpu_kernels.is_enabled()
+    ):
+        return None
+    spacing = _uniform_spacing(grid)
+    if spacing is None or _cpu_kernels.load() is None:
+        return None
+    cached = getattr(grid, "_kan_compiled_knots", None)
+    if cached is not None and cached[0] is spacing:  # same spacing object: grid unchanged
+        return cached[1]
+    # The same two operations as the closed-form path of _local_bases: identical positions.
+    knots = (grid[:, 0].contiguous(), (1.0 / spacing).contiguous())
+    try:
+        grid._kan_compiled_knots = (spacing, knots)
+    except (AttributeError, RuntimeError):  # pragma: no cover - tensors that refuse attributes
+        pass
+    return knots
+
+
+def _is_plain_silu(activation: Activation) -> bool:
+    """SiLU, whose derivative ``torch.ops.aten.silu_backward`` gives without an autograd graph."""
+    return activation is F.silu or (type(activation) is torch.nn.SiLU and not activation.inplace)
+
+
+def _expand_last(x: Tensor, grid: Tensor, spline_order: int, act: Tensor, out: Tensor | None = None):
+    """Channel-last expansion ``(..., C, G+K+1)``: slot 0 the base term, slot 1+g basis g.
+
+    ``out``, if given, is overwritten entirely; its previous contents do not matter.
+    """
+    n_slots = grid.shape[1] - spline_order
+    knots = _compiled_knots(x, grid, spline_order)
+    if (
+        knots is not None
+        and act.shape == x.shape
+        and act.dtype == x.dtype
+        and not (torch.is_grad_enabled() and act.requires_grad)
+        and (out is None or out.is_contiguous())
+    ):
+        if out is None:
+            out = x.new_empty(x.shape + (n_slots,))
+        c = x.shape[-1]
+        _cpu_kernels.expand(x.reshape(-1, c).contiguous(), *knots, grid.shape[1], spline_order,
+                            act.reshape(-1, c).contiguous(), out.view(-1, c, n_slots))
+        return out
     slots, values, _ = _local_bases(x, grid, spline_order, derivative=False, exact_slots=False)
-    out = x.new_zeros(x.shape + (grid.shape[1] - spline_order,))
+    if out is None:
+        out = x.new_zeros(x.shape + (n_slots,))
+    else:
+        out.zero_()
     # Entries outside the basis range point at slot 0, which is overwritten below.
     _scatter_expansion(out, slots, values)
     out[..., 0] = act
@@ -431,7 +519,8 @@ class _FusedKAN(torch.autograd.Function):
         outs = []
         for s, e in _chunks(xl.shape[0], xl[:1].numel() * slots * xl.element_size()):
             xs = xl[s:e]
-            expanded = _expand_last(xs, grid, spline_order, activation(xs)).flatten(-2)
+            buf = _zeros_workspace(xs.shape + (slots,), xs, zero=False)
+            expanded = _expand_last(xs, grid, spline_order, activation(xs), buf).flatten(-2)
             outs.append(_apply(_channels_first(expanded), weight, ndim, stride, dilation, groups))
         ctx.save_for_backward(xl, grid, weight)
         ctx.conf = (spline_order, activation, ndim, stride, dilation, groups)
@@ -449,15 +538,32 @@ class _FusedKAN(torch.autograd.Function):
         grad_xl = torch.empty_like(xl) if need_x else None
         grad_w = torch.zeros_like(weight) if need_w else None
         zeros = [0] * ndim
+        if ndim in (2, 3):
+            # oneDNN's backward runs several times faster when grad_out has the expansion's layout.
+            fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+            grad_out = grad_out.contiguous(memory_format=fmt)
+        knots = _compiled_knots(xl, grid, spline_order)
+        silu = knots is not None and _is_plain_silu(activation)
+        channels = xl.shape[-1]
         for s, e in _chunks(xl.shape[0], xl[:1].numel() * slots * xl.element_size()):
             xs, go = xl[s:e], grad_out[s:e]
-            slot, values, slopes = _local_bases(xs, grid, spline_order, derivative=need_x, exact_slots=False)
-            expanded = xs.new_zeros(xs.shape + (slots,))
-            _scatter_expansion(expanded, slot, values)
-            with torch.enable_grad():
-                xr = xs.detach().requires_grad_(need_x)
-                act = activation(xr)
-            expanded[..., 0] = act.detach()
+            if silu:  # no autograd graph needed for the base term's derivative
+                act = xr = None
+                expanded = _expand_last(xs, grid, spline_order, F.silu(xs),
+                                        _zeros_workspace(xs.shape + (slots,), xs, zero=False))
+            else:
+                with torch.enable_grad():
+                    xr = xs.detach().requires_grad_(need_x)
+                    act = activation(xr)
+                if knots is not None:
+                    expanded = _expand_last(xs, grid, spline_order, act.detach(),
+                                            _zeros_workspace(xs.shape + (slots,), xs, zero=False))
+                else:
+                    slot, values, slopes = _local_bases(xs, grid, spline_order, derivative=need_x,
+                                                        exact_slots=False)
+                    expanded = _zeros_workspace(xs.shape + (slots,), xs)
+                    _scatter_expansion(expanded, slot, values)
+                    expanded[..., 0] = act.detach()
             flat = _channels_first(expanded.flatten(-2))
             if ndim == 0:
                 if need_w:
@@ -472,6 +578,17 @@ class _FusedKAN(torch.autograd.Function):
                     grad_w += gw
             if need_x:
                 grad_e = grad_e.movedim(1, -1).reshape(expanded.shape)
+                if knots is not None:
+                    # The activation's backward runs several times slower on the strided slot-0 view.
+                    g0 = grad_e[..., 0].contiguous()
+                    if silu:
+                        g = torch.ops.aten.silu_backward(g0, xs)
+                    else:
+                        (g,) = torch.autograd.grad(act, xr, g0)
+                    _cpu_kernels.grad_input(grad_e.reshape(-1, channels, slots), xs.reshape(-1, channels), *knots,
+                                            grid.shape[1], spline_order, g.reshape(-1, channels).contiguous(),
+                                            grad_xl[s:e].view(-1, channels))
+                    continue
                 (g,) = torch.autograd.grad(act, xr, grad_e[..., 0])
                 for sl, slope in zip(slot, slopes):
                     g = g.addcmul_(grad_e.gather(-1, sl.unsqueeze(-1)).squeeze(-1), slope)
