@@ -213,7 +213,27 @@ def test_memory_format_follows_input():
     x = torch.randn(2, 3, 8, 8)
     assert layer(x).is_contiguous()
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(layer(x_cl), layer(x), atol=1e-6)
+    out_cl = layer(x_cl)
+    assert torch.allclose(out_cl, layer(x), atol=1e-6)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_module_to_memory_format_like_torch_conv(ndim):
+    """model.to(memory_format=...) works as for nn.ConvNd models, with the same outputs."""
+    torch.manual_seed(0)
+    cls, fmt = CONV[ndim], {2: torch.channels_last, 3: torch.channels_last_3d}[ndim]
+    model = nn.Sequential(cls(1, 3, 3, padding=1), cls(3, 2, 3))
+    x = torch.randn(2, 1, *SPATIAL[ndim])
+    expected = model(x)
+    grads = torch.autograd.grad(expected.sum(), list(model.parameters()))
+    model.to(memory_format=fmt)
+    assert model[0].spline_weight.is_contiguous()  # coefficient tensors keep their layout
+    out = model(x.to(memory_format=fmt))
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert out.is_contiguous(memory_format=fmt)  # weights laid out channels-last => output too, as nn.Conv
+    for got, want in zip(torch.autograd.grad(out.sum(), list(model.parameters())), grads):
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_large_batch_is_chunked_consistently(monkeypatch):

@@ -519,7 +519,8 @@ class _FusedKAN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, grid, weight, spline_order, activation, ndim, stride, dilation, groups):
+    def forward(ctx, x, grid, weight, spline_order, activation, ndim, stride, dilation, groups,
+                channels_last_out=False):
         xl = x.movedim(1, -1).contiguous()  # (N, *S, C)
         slots = grid.shape[1] - spline_order
         outs = []
@@ -531,8 +532,9 @@ class _FusedKAN(torch.autograd.Function):
         ctx.save_for_backward(xl, grid, weight)
         ctx.conf = (spline_order, activation, ndim, stride, dilation, groups)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        # Return the input's memory format, as nn.ConvNd does.
-        return out if ndim == 0 or not x.is_contiguous() else out.contiguous()
+        # oneDNN returns the expansion's channels-last layout; hand back NCHW unless the caller's
+        # tensors ask for channels-last, as nn.ConvNd does.
+        return out if ndim == 0 or channels_last_out else out.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -600,7 +602,7 @@ class _FusedKAN(torch.autograd.Function):
                     g = g.addcmul_(grad_e.gather(-1, sl.unsqueeze(-1)).squeeze(-1), slope)
                 grad_xl[s:e] = g
         grad_x = grad_xl.movedim(-1, 1) if need_x else None
-        return grad_x, None, grad_w, None, None, None, None, None, None
+        return grad_x, None, grad_w, None, None, None, None, None, None, None
 
 
 def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
@@ -640,10 +642,24 @@ def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bi
     pad = resolve_padding(padding, kernel, dilation, stride)
     x = pad_input(input, pad, padding_mode)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
-    out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, ndim, stride, dilation, groups)
+    channels_last = suggests_channels_last(input) or suggests_channels_last(base_weight)
+    out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, ndim, stride, dilation, groups,
+                          channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * ndim)
     return out
+
+
+def suggests_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is laid out channels-last (2-d or 3-d), by its strides as PyTorch decides it.
+
+    A convolution returns channels-last output when its input or its weight is laid out so
+    (``model.to(memory_format=torch.channels_last)``); size-1 channel tensors count by stride.
+    """
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is None or not t.is_contiguous(memory_format=fmt):
+        return False
+    return not t.is_contiguous() or (t.stride(1) == 1 and t.shape[1] > 0 and t.numel() != t.shape[1])
 
 
 _CONV_DOC = """KAN convolution over an input of shape ``(N, C_in, {dims})``.

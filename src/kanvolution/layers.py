@@ -90,6 +90,19 @@ class _KANLayer(nn.Module):
         self.register_buffer("grid", grid)
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=...) restrides every 4-d and 5-d tensor; the spline coefficients
+        # carry an extra coefficient axis (5-d in a 2-d layer) and are no (N, C, H, W) tensor, so
+        # they are converted through a 6-d view that keeps their layout.
+        shape = self.spline_weight.shape
+
+        def convert(t):
+            if t.shape == shape and t.dim() in (4, 5):
+                return fn(t.unsqueeze(-1)).squeeze(-1)
+            return fn(t)
+
+        return super()._apply(convert, recurse)
+
     # -- initialisation --------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
