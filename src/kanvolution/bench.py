@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -210,14 +209,10 @@ def epoch_benchmark(data_dir: str | None, model: str = "kanc_mlp_medium", grid_s
 
 
 def _environment(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.*)", text).group(1)  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        pass
+    from .train import _cpu_name
+
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

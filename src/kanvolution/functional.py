@@ -191,14 +191,12 @@ def _polyval(coefs: list[float], f: Tensor) -> Tensor:
     return out
 
 
-def _local_bases(x: Tensor, grid: Tensor, spline_order: int, *, derivative: bool, exact_slots: bool = True):
+def _local_bases(x: Tensor, grid: Tensor, spline_order: int, *, derivative: bool):
     """The ``K + 1`` possibly non-zero bases of every value (and their derivatives).
 
     Args:
         x: values with the channel LAST, ``(..., C)``.
         grid: ``(C, G + 2K + 1)`` knots.
-        exact_slots: if False, the values of entries outside the basis range (slot 0) are left
-            unspecified instead of zero (for a caller that overwrites slot 0 anyway).
 
     A value in knot span ``[t_m, t_{m+1})`` can only have ``B_{m-K} .. B_m`` non-zero. On uniform
     knots these are fixed degree-``K`` polynomials of the position in the span, evaluated in
@@ -208,14 +206,15 @@ def _local_bases(x: Tensor, grid: Tensor, spline_order: int, *, derivative: bool
 
     Returns ``(slots, values, slopes)``: lists of ``K + 1`` tensors shaped like ``x``. ``slots[r]``
     is the basis number of ``B_{m-K+r}`` plus one (its position in the expansion; 0 where that
-    basis does not exist), ``slopes`` the derivatives, zero where the basis does not exist
-    (``None`` unless ``derivative``).
+    basis does not exist, and there ``values`` is unspecified: the callers write slot 0 last),
+    ``slopes`` the derivatives, zero where the basis does not exist (``None`` unless
+    ``derivative``).
     """
     n_knots = grid.shape[1]
     K = spline_order
     spacing = _uniform_spacing(grid) if K > 0 else None
     if spacing is None:
-        return _de_boor_local(x, grid, K, derivative, exact_slots)
+        return _de_boor_local(x, grid, K, derivative)
     coef, dcoef, slot_table, ok_table = _uniform_tables(K, n_knots, x.dtype, x.device)
     inv_h = 1.0 / spacing
     # Position in units of h; NaN goes to "outside" (the base term still carries it).
@@ -225,15 +224,13 @@ def _local_bases(x: Tensor, grid: Tensor, spline_order: int, *, derivative: bool
     row = m_f.to(torch.long).add_(1)
     slots = [torch.take(t, row) for t in slot_table]
     values = [_polyval(c, f) for c in coef]
-    if exact_slots:
-        values = [v.mul_(torch.take(ok, row)) for v, ok in zip(values, ok_table)]
     slopes = None
     if derivative:
         slopes = [_polyval(d, f).mul_(torch.take(ok, row)).mul_(inv_h) for d, ok in zip(dcoef, ok_table)]
     return slots, values, slopes
 
 
-def _de_boor_local(x: Tensor, grid: Tensor, K: int, derivative: bool, exact_slots: bool = True):
+def _de_boor_local(x: Tensor, grid: Tensor, K: int, derivative: bool):
     """:func:`_local_bases` on arbitrary (non-decreasing) knots; ``x`` is ``(..., C)``."""
     c = x.shape[-1]
     n_knots = grid.shape[1]
@@ -278,8 +275,6 @@ def _de_boor_local(x: Tensor, grid: Tensor, K: int, derivative: bool, exact_slot
         ok = (g >= 0) & (g < n_bases) & inside
         valid.append(ok)
         slots.append(torch.where(ok, g + 1, 0))
-    if exact_slots:
-        values = [v * ok for v, ok in zip(values, valid)]
     slopes = None
     if derivative:
         # B'_{g,K} = K (B_{g,K-1} / (t_{g+K} - t_g) - B_{g+1,K-1} / (t_{g+K+1} - t_{g+1})) with
@@ -382,7 +377,7 @@ def _expand_last(x: Tensor, grid: Tensor, spline_order: int, act: Tensor, out: T
         _cpu_kernels.expand(x.reshape(-1, c).contiguous(), *knots, grid.shape[1], spline_order,
                             act.reshape(-1, c).contiguous(), out.view(-1, c, n_slots))
         return out
-    slots, values, _ = _local_bases(x, grid, spline_order, derivative=False, exact_slots=False)
+    slots, values, _ = _local_bases(x, grid, spline_order, derivative=False)
     if out is None:
         out = x.new_zeros(x.shape + (n_slots,))
     else:
@@ -564,8 +559,7 @@ class _FusedKAN(torch.autograd.Function):
                     expanded = _expand_last(xs, grid, spline_order, act.detach(),
                                             _zeros_workspace(xs.shape + (slots,), xs, zero=False))
                 else:
-                    slot, values, slopes = _local_bases(xs, grid, spline_order, derivative=need_x,
-                                                        exact_slots=False)
+                    slot, values, slopes = _local_bases(xs, grid, spline_order, derivative=need_x)
                     expanded = _zeros_workspace(xs.shape + (slots,), xs)
                     _scatter_expansion(expanded, slot, values)
                     expanded[..., 0] = act.detach()
@@ -626,7 +620,7 @@ def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, s
 
 
 def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bias, stride, padding,
-                dilation, groups, padding_mode, spline_order, base_activation):
+                dilation, groups, padding_mode, spline_order, base_activation, naive=False):
     if input.dim() != ndim + 2:
         raise ValueError(
             f"kan_conv{ndim}d expects a batched input of {ndim + 2} dimensions (N, C, "
@@ -639,9 +633,12 @@ def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bi
     pad = resolve_padding(padding, kernel, dilation, stride)
     x = pad_input(input, pad, padding_mode)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
-    channels_last = suggests_channels_last(input) or suggests_channels_last(base_weight)
-    out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, ndim, stride, dilation, groups,
-                          channels_last)
+    if naive:
+        out = naive_kan(x, grid, weight, spline_order, base_activation, ndim, stride, dilation, groups)
+    else:
+        channels_last = suggests_channels_last(input) or suggests_channels_last(base_weight)
+        out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, ndim, stride, dilation, groups,
+                              channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * ndim)
     return out
@@ -719,13 +716,22 @@ def kan_linear(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline
         spline_weight: ``(out_features, in_features, G + K)``.
         grid: ``(in_features, G + 2K + 1)``.
     """
+    return _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, spline_order,
+                       base_activation)
+
+
+def _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, spline_order, base_activation,
+                naive=False):
     if input.dim() < 1:
         raise ValueError("kan_linear expects an input of shape (*, in_features), got a scalar")
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
     _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, 0)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
-    out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, 0, (), (), 1)
+    if naive:
+        out = naive_kan(x, grid, weight, spline_order, base_activation, 0, (), (), 1)
+    else:
+        out = _FusedKAN.apply(x, grid, weight, spline_order, base_activation, 0, (), (), 1)
     if bias is not None:
         out = out + bias
     return out.view(*lead, out.shape[-1])

@@ -199,7 +199,6 @@ class _KANLayer(nn.Module):
             raise ValueError("update_grid needs at least one input sample")
         if not torch.isfinite(samples).all():
             raise ValueError("update_grid got non-finite inputs")
-        C = samples.shape[0]
         G, K = self.grid_size, self.spline_order
         samples = samples.sort(dim=1).values
         if samples.shape[1] > max_samples:  # evenly spaced order statistics keep the quantiles
@@ -336,26 +335,17 @@ class _KANConvNd(_KANLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._check_input(input)
-        if self.implementation == "naive":
-            KF._check_kan_args(x, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
-                               self.spline_order, self.groups, self._ndim)
-            xp = KF.pad_input(x, self._pad, self.padding_mode)
-            w = KF.combine_weights(self.base_weight, self.spline_weight, self.spline_scaler)
-            out = KF.naive_kan(xp, self.grid, w, self.spline_order, self.base_activation, self._ndim,
-                               self.stride, self.dilation, self.groups)
-            if self.bias is not None:
-                out = out + self.bias.view((1, -1) + (1,) * self._ndim)
-        elif self.implementation == "reference":
+        if self.implementation == "reference":
             from .reference import kan_conv_reference
 
             out = kan_conv_reference(x, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
                                      self.bias, self.stride, self.padding, self.dilation, self.groups,
                                      self.padding_mode, self.spline_order, self.base_activation)
         else:
-            conv = (KF.kan_conv1d, KF.kan_conv2d, KF.kan_conv3d)[self._ndim - 1]
-            out = conv(x, self.base_weight, self.spline_weight, self.spline_scaler, self.grid, self.bias,
-                       self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
-                       spline_order=self.spline_order, base_activation=self.base_activation)
+            out = KF._kan_convnd(self._ndim, x, self.base_weight, self.spline_weight, self.spline_scaler,
+                                 self.grid, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                                 self.padding_mode, self.spline_order, self.base_activation,
+                                 naive=self.implementation == "naive")
         return out.squeeze(0) if unbatched else out
 
     def _grid_samples(self, x: Tensor) -> Tensor:
@@ -493,22 +483,14 @@ class KANLinear(_KANLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        if self.implementation == "naive":
-            x = input.reshape(-1, self.in_features)
-            KF._check_kan_args(x, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
-                               self.spline_order, 1, 0)
-            w = KF.combine_weights(self.base_weight, self.spline_weight, self.spline_scaler)
-            out = KF.naive_kan(x, self.grid, w, self.spline_order, self.base_activation, 0, (), (), 1)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.view(*input.shape[:-1], self.out_features)
         if self.implementation == "reference":
             from .reference import kan_linear_reference
 
             return kan_linear_reference(input, self.base_weight, self.spline_weight, self.spline_scaler,
                                         self.grid, self.bias, self.spline_order, self.base_activation)
-        return KF.kan_linear(input, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
-                             self.bias, spline_order=self.spline_order, base_activation=self.base_activation)
+        return KF._kan_linear(input, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
+                              self.bias, self.spline_order, self.base_activation,
+                              naive=self.implementation == "naive")
 
     def _grid_samples(self, x: Tensor) -> Tensor:
         self._check_input(x)
