@@ -372,9 +372,14 @@ def _add_reproduce_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("paper", "fixed"),
+        choices=("paper", "paper-configs", "fixed"),
         default="paper",
-        help="paper: search then retrain; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search",
+        help="paper: search then retrain; paper-configs: the configurations the paper's own search chose"
+        " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+        help="torch seeds of --protocol paper-configs (default: 0 1 2)",
     )
     p.add_argument(
         "--epochs",
@@ -414,6 +419,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         models=models,
         grid_sizes=args.grid_sizes,
         protocol=args.protocol,
+        seeds=args.seeds,
         epochs=args.epochs,
         trials=args.trials,
         storage=args.storage,

@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 __all__ = [
     "PAPER_RESULTS",
+    "PAPER_SELECTIONS",
     "SELECTIONS",
+    "PaperSelection",
     "PaperResult",
     "Row",
     "csv_table",
@@ -27,6 +29,7 @@ __all__ = [
     "markdown_table",
     "paper_result",
     "rows_from_results",
+    "seed_table",
 ]
 
 Selection = Literal["paper", "val", "last"]
@@ -93,6 +96,42 @@ PAPER_RESULTS: tuple[PaperResult, ...] = (
 )
 # fmt: on
 _PAPER_INDEX = {(r.model, r.grid_size): i for i, r in enumerate(PAPER_RESULTS)}
+
+
+@dataclass(frozen=True)
+class PaperSelection:
+    """What the paper's own search chose for one row of its table (SPEC section 4b)."""
+
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    val_accuracy: float  # percent, on the paper's 20% validation split
+
+
+# The winners of the paper's search, from its repository's logs, keyed like PAPER_RESULTS.
+# fmt: off
+PAPER_SELECTIONS: dict[tuple[str, int | None], PaperSelection] = {
+    ("cnn_more_convs", None): PaperSelection(1e-3, 1e-5, 128, 20, 89.11),
+    ("cnn_big", None): PaperSelection(1e-3, 1e-5, 128, 20, 89.12),
+    ("cnn_medium", None): PaperSelection(1e-3, 0.0, 32, 20, 88.22),
+    ("cnn_small", None): PaperSelection(1e-3, 0.0, 32, 20, 86.53),
+    ("conv_kan_medium", 10): PaperSelection(1e-3, 0.0, 128, 13, 87.53),
+    ("conv_kan_medium", 20): PaperSelection(1e-3, 0.0, 32, 6, 87.64),
+    ("conv_kan_small", 10): PaperSelection(1e-3, 0.0, 32, 11, 86.65),
+    ("conv_kan_small", 20): PaperSelection(1e-3, 0.0, 32, 14, 86.84),
+    ("kanc_mlp_big", 10): PaperSelection(1e-3, 1e-4, 128, 20, 89.05),
+    ("kanc_mlp_big", 20): PaperSelection(1e-3, 1e-4, 128, 12, 88.70),
+    ("kanc_mlp_medium", 10): PaperSelection(1e-3, 0.0, 128, 19, 88.88),
+    ("kanc_mlp_medium", 20): PaperSelection(1e-3, 1e-4, 128, 17, 88.68),
+    ("kanc_mlp_small", 10): PaperSelection(1e-3, 1e-5, 128, 19, 87.97),
+    ("kanc_mlp_small", 20): PaperSelection(1e-3, 1e-5, 128, 20, 88.20),
+    ("kkan_medium", 10): PaperSelection(1e-3, 0.0, 32, 5, 87.80),
+    ("kkan_medium", 20): PaperSelection(1e-3, 1e-5, 128, 10, 88.44),
+    ("kkan_small", 10): PaperSelection(1e-3, 0.0, 128, 12, 87.80),
+    ("kkan_small", 20): PaperSelection(1e-3, 0.0, 32, 14, 87.75),
+}
+# fmt: on
 
 
 def paper_result(model: str, grid_size: int | None) -> PaperResult | None:
@@ -307,3 +346,55 @@ def csv_table(rows: Sequence[Row], compare_paper: bool = False) -> str:
             values += [""] * 6 if p is None else [p.accuracy, p.precision, p.recall, p.f1, p.params, p.minutes]
         writer.writerow(values)
     return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Several seeds per row
+# ------------------------------------------------------------------------------------------------
+
+_METRICS = ("accuracy", "precision", "recall", "f1")
+# A row whose mean accuracy is further than this from the paper's (percentage points) is marked.
+MARK_POINTS = 0.5
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, std
+
+
+def seed_table(files: Iterable[str | os.PathLike[str]], selection: Selection = "paper") -> str:
+    """Markdown: per (model, grid size) the mean +- sample std over runs (seeds) of every metric.
+
+    Beside each row: the paper's figures and the difference of the mean accuracy in points;
+    a row more than :data:`MARK_POINTS` away is marked with ``*``. Seeds that are missing show
+    as a lower ``n``.
+    """
+    rows, _ = rows_from_results(files, selection)
+    groups: dict[tuple[str, str, int | None], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.dataset, row.model, row.grid_size), []).append(row)
+    header = ["Model", "n", "Accuracy", "Precision", "Recall", "F1 Score", "Epoch", "# Params",
+              "Minutes per epoch", "Paper Accuracy", "Paper F1 Score", "Δ Accuracy (pp)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for key in sorted(groups, key=lambda k: _sort_key(groups[k][0])):
+        group = groups[key]
+        first = group[0]
+        cells = [first.name, str(len(group))]
+        for metric in _METRICS:
+            mean, std = _mean_std([100 * getattr(r, metric) for r in group])
+            cells.append(f"{mean:.2f} ± {std:.2f}")
+        cells.append("/".join(str(r.epoch) for r in group))
+        cells.append(format_params(first.params))
+        minutes = [r.minutes for r in group if r.minutes is not None]
+        cells.append(_minutes(sum(minutes) / len(minutes) if minutes else None))
+        paper = first.paper
+        if paper is None:
+            cells += ["–", "–", "–"]
+        else:
+            delta = _mean_std([100 * r.accuracy for r in group])[0] - paper.accuracy
+            mark = " *" if abs(delta) > MARK_POINTS else ""
+            cells += [f"{paper.accuracy:.2f}%", f"{paper.f1:.2f}%", f"{delta:+.2f}{mark}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
