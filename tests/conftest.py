@@ -26,6 +26,12 @@ def shared_data_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def is_png():
+    """``is_png(path)``: whether the file starts with the PNG signature."""
+    return lambda path: Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests of the ``kanvolution`` command line (kanvolution.cli and kanvolution.results)."""
+"""Tests of the ``kanvolution`` command line (kanvolution.cli and kanvolution.experiments.tables)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from kanvolution import cli
 from kanvolution.cli import main
-from kanvolution.results import PAPER_RESULTS, format_params, paper_result
+from kanvolution.experiments.tables import PAPER_RESULTS, format_params, paper_result
 
 
 def _small(shared_data_dir, *extra):
@@ -79,7 +79,7 @@ def test_train_prints_epochs_and_row(tmp_path, shared_data_dir, capsys):
     # Running again without --resume refuses in one line; with it, the finished run is kept.
     assert (
         main(["train", "--model", "cnn_small", "--epochs", "1", "--out", str(tmp_path / "r"), *_small(shared_data_dir)])
-        == 1
+        == 2
     )
     assert "already holds a run" in _one_line_error(capsys)
     assert (
@@ -136,7 +136,7 @@ def test_missing_data_is_one_line(tmp_path, capsys, monkeypatch):
         "--out",
         str(tmp_path / "r"),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "not found" in _one_line_error(capsys)
 
 
@@ -176,7 +176,7 @@ def test_evaluate_prints_metrics(run_dir, capsys):
 
 
 def test_evaluate_without_checkpoint(tmp_path, capsys):
-    assert main(["evaluate", str(tmp_path)]) == 1
+    assert main(["evaluate", str(tmp_path)]) == 2
     assert "no checkpoint" in _one_line_error(capsys)
 
 
@@ -213,7 +213,7 @@ def test_table_csv(run_dir, capsys):
 
 
 def test_table_without_results(tmp_path, capsys):
-    assert main(["table", str(tmp_path)]) == 1
+    assert main(["table", str(tmp_path)]) == 2
     assert "no results.json" in _one_line_error(capsys)
 
 
@@ -250,7 +250,7 @@ def test_demo_runs(tmp_path, shared_data_dir, capsys):
 
 def test_broken_external_command_does_not_break_others(monkeypatch, capsys):
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "bench", "kanvolution._no_such_module")
-    assert main(["bench", "--anything"]) == 1
+    assert main(["bench", "--anything"]) == 2
     assert "'bench' command is unavailable" in _one_line_error(capsys)
     assert main(["models", "cnn_small"]) == 0
 

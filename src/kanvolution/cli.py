@@ -1,7 +1,9 @@
 """The ``kanvolution`` command: train, evaluate, list models, make tables, reproduce the paper.
 
-``bench`` and ``inspect`` live in their own modules and are imported only when asked for, so
-a problem in one of them never breaks the other commands.
+Argument parsing only: every command calls one function of :mod:`kanvolution.experiments` or
+:mod:`kanvolution.viz`. ``bench`` and ``inspect`` are imported only when asked for, so a problem
+in one of them never breaks the other commands. Every expected failure is a
+:class:`~kanvolution.errors.KanvolutionError`: one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import KanvolutionError
+
 __all__ = ["EXTERNAL_COMMANDS", "CliError", "build_parser", "main"]
 
 PROG = "kanvolution"
 
 # Subcommands implemented elsewhere: each module has add_arguments(parser) and run(args) -> int.
-EXTERNAL_COMMANDS: dict[str, str] = {"bench": "kanvolution.bench", "inspect": "kanvolution.inspection"}
+EXTERNAL_COMMANDS: dict[str, str] = {"bench": "kanvolution.experiments.bench", "inspect": "kanvolution.viz.report"}
 _EXTERNAL_HELP = {
     "bench": "time the KAN layers and models (ratios against the paper's implementation and plain convolutions)",
     "inspect": "look inside a trained model: its learned functions and feature maps",
@@ -28,12 +32,8 @@ _EXTERNAL_HELP = {
 _EXTRAS = {"torchmetrics": "train", "tqdm": "train", "matplotlib": "train", "optuna": "tune"}
 
 
-class CliError(Exception):
-    """A user error reported as one line; ``code`` is the exit status."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+class CliError(KanvolutionError):
+    """A command line that cannot work (an unknown name, an option out of range)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,18 +41,18 @@ class CliError(Exception):
 
 
 def _check_model(name: str) -> None:
-    from kanvolution.models import list_models
+    from kanvolution.experiments.models import list_models
 
     names = list_models()
     if name not in names:
-        raise CliError(f"unknown model {name!r}; valid models: {', '.join(names)}", code=2)
+        raise CliError(f"unknown model {name!r}; valid models: {', '.join(names)}")
 
 
 def _check_dataset(name: str) -> None:
-    from kanvolution.data import DATASETS
+    from kanvolution.experiments.data import DATASETS
 
     if name not in DATASETS:
-        raise CliError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}", code=2)
+        raise CliError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
 
 
 def _is_main_process() -> bool:
@@ -95,7 +95,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    from kanvolution.train import DEFAULT_GRID_SIZE, TrainConfig
+    from kanvolution.experiments.config import DEFAULT_GRID_SIZE, PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -111,7 +111,15 @@ def _add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--dataset", required=True, help="mnist or fashion-mnist")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (from checkpoint.prev.pt if checkpoint.pt is damaged)",
+    )
+    again.add_argument(
+        "--restart", action="store_true", help="delete the run in --out (checkpoints, results) and start over"
+    )
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"(default: {d.epochs})")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default: {d.lr:g})")
@@ -128,13 +136,20 @@ def _add_train_parser(sub: Any) -> None:
         default=d.val_fraction,
         help="hold out this part of the training set and evaluate on it each epoch (paper's search: 0.2; default: 0)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="32: float32 throughout (default); bf16-mixed: forward and loss under bfloat16 autocast,"
+        " weights and optimiser states in float32",
+    )
     _add_data_options(p)
     _add_runtime_options(p)
     p.set_defaults(_handler=_cmd_train)
 
 
 def _train_config_from_args(args: argparse.Namespace) -> Any:
-    from kanvolution.train import TrainConfig
+    from kanvolution.experiments.config import TrainConfig
 
     _check_model(args.model)
     _check_dataset(args.dataset)
@@ -151,6 +166,7 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
         lr_schedule=args.lr_schedule,
         seed=args.seed,
         val_fraction=args.val_fraction,
+        precision=args.precision,
         max_train_samples=args.max_train_samples,
         max_test_samples=args.max_test_samples,
         device=args.device,
@@ -160,7 +176,9 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
 
 
 def _print_summary(results: dict[str, Any], out: str | os.PathLike[str]) -> None:
-    from kanvolution.results import markdown_table, rows_from_results
+    from kanvolution.experiments.schema import RESULTS_FILE
+
+    from kanvolution.experiments.tables import markdown_table, rows_from_results
 
     print(
         f"{results['name']} on {results['dataset']}: {results['epochs_completed']} epochs,"
@@ -173,18 +191,20 @@ def _print_summary(results: dict[str, Any], out: str | os.PathLike[str]) -> None
                 f"  {block['selection']} (epoch {block['epoch']}):"
                 f" accuracy {100 * block['accuracy']:.2f}%, F1 {100 * block['f1']:.2f}%"
             )
-    rows, _ = rows_from_results([Path(out) / "results.json"])
+    rows, _ = rows_from_results([Path(out) / RESULTS_FILE])
     if rows:
         print()
         print(markdown_table(rows, compare_paper=rows[0].paper is not None), end="")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from kanvolution.train import train
+    from kanvolution.experiments.training import train
 
     config = _train_config_from_args(args)
     config.validate()
-    results = train(config, args.out, resume=args.resume, log=print if _is_main_process() else None)
+    results = train(
+        config, args.out, resume=args.resume, restart=args.restart, log=print if _is_main_process() else None
+    )
     if _is_main_process():
         print()
         _print_summary(results, args.out)
@@ -206,10 +226,9 @@ def _add_evaluate_parser(sub: Any) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from kanvolution.train import evaluate, load_checkpoint
+    from kanvolution.experiments.checkpoint import load_checkpoint
+    from kanvolution.experiments.training import evaluate
 
-    if not (Path(args.run_dir) / "checkpoint.pt").is_file():
-        raise CliError(f"no checkpoint.pt in {args.run_dir}")
     metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device, max_test_samples=args.max_test_samples)
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -244,7 +263,8 @@ def _add_demo_parser(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from kanvolution.train import TrainConfig, train
+    from kanvolution.experiments.config import TrainConfig
+    from kanvolution.experiments.training import train
 
     config = TrainConfig(
         model="kanc_mlp_medium",
@@ -280,12 +300,12 @@ def _add_models_parser(sub: Any) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from kanvolution.models import create_model, list_models, model_info
-    from kanvolution.train import count_parameters
+    from kanvolution.experiments.models import create_model, list_models, model_info
+    from kanvolution.experiments.training import count_parameters
 
     names = list_models(args.pattern)
     if not names:
-        raise CliError(f"no model matches {args.pattern!r}; valid models: {', '.join(list_models())}", code=2)
+        raise CliError(f"no model matches {args.pattern!r}; valid models: {', '.join(list_models())}")
     rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)")]
     for name in names:
         info = model_info(name)
@@ -328,7 +348,7 @@ def _add_table_parser(sub: Any) -> None:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    from kanvolution.results import csv_table, find_results, markdown_table, rows_from_results
+    from kanvolution.experiments.tables import csv_table, find_results, markdown_table, rows_from_results
 
     files = find_results(args.run_dirs)
     rows, skipped = rows_from_results(files, args.selection)
@@ -405,14 +425,14 @@ def _add_reproduce_parser(sub: Any) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from kanvolution.tune import PAPER_MODELS, ReproduceConfig, reproduce
+    from kanvolution.experiments.reproduce import PAPER_MODELS, ReproduceConfig, reproduce
 
     _check_dataset(args.dataset)
     models = args.models or list(PAPER_MODELS)
     for name in models:
         _check_model(name)
     if args.trials > 8:
-        raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}", code=2)
+        raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
     cfg = ReproduceConfig(
         out=args.out,
         dataset=args.dataset,
@@ -495,19 +515,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from kanvolution.train import ConfigError, NonFiniteLossError, RunExistsError
-
-    errors: list[type[BaseException]] = [ConfigError, NonFiniteLossError, RunExistsError, FileNotFoundError]
-    try:
-        from kanvolution.data import CorruptDatasetError, DatasetNotFoundError
-
-        errors += [DatasetNotFoundError, CorruptDatasetError]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _error(message: str) -> None:
     print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
 
@@ -523,9 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except CliError as err:
+    except KanvolutionError as err:
         _error(str(err))
-        return err.code
+        return 2
     except BrokenPipeError:
         # The reader went away (e.g. `| head`); stop quietly as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -537,14 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name in _EXTRAS:
             _error(f"this command needs {err.name}: pip install 'kanvolution[{_EXTRAS[err.name]}]'")
-            return 1
-        raise
-    except Exception as err:
-        if isinstance(err, _expected_errors()):
-            from kanvolution.train import ConfigError
-
-            _error(str(err))
-            return 2 if isinstance(err, ConfigError) else 1
+            return 2
         raise
 
 

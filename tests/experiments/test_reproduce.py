@@ -1,4 +1,4 @@
-"""Tests of kanvolution.tune: the paper's combinations, the Optuna study, resuming, the table."""
+"""Tests of kanvolution.experiments.reproduce: the paper's combinations, the Optuna study, resuming, the table."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from kanvolution.cli import main  # noqa: E402
-from kanvolution.train import load_checkpoint  # noqa: E402
-from kanvolution.tune import PAPER_GRID, ReproduceConfig, paper_combinations, reproduce  # noqa: E402
+from kanvolution.experiments.checkpoint import load_checkpoint  # noqa: E402
+from kanvolution.experiments.reproduce import PAPER_GRID, ReproduceConfig, paper_combinations, reproduce  # noqa: E402
 
 
 def test_paper_combinations_match_the_papers_draws():

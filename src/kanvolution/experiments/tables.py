@@ -1,4 +1,4 @@
-"""Tables made from ``results.json`` files, in the layout of the paper's results table.
+"""Tables made from ``results.json`` files (read through :mod:`.schema`), in the layout of the paper's table.
 
 The paper's own numbers (Fashion-MNIST test set) are kept here as data so that a table can
 show them beside ours.
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Literal
+
+from .schema import FINISHED, RESULTS_FILE, ResultsError, load_results, run_status
 
 __all__ = [
     "PAPER_RESULTS",
@@ -100,7 +101,7 @@ _PAPER_INDEX = {(r.model, r.grid_size): i for i, r in enumerate(PAPER_RESULTS)}
 
 @dataclass(frozen=True)
 class PaperSelection:
-    """What the paper's own search chose for one row of its table (SPEC section 4b)."""
+    """What the paper's own search chose for one row of its table (from its repository's logs)."""
 
     lr: float
     weight_decay: float
@@ -174,6 +175,7 @@ class Row:
     epoch: int
     selection: str
     source: str
+    status: str = FINISHED  # see kanvolution.experiments.schema.STATUSES
 
     @property
     def paper(self) -> PaperResult | None:
@@ -187,12 +189,12 @@ def find_results(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         path = Path(item)
         if path.is_file():
             found.append(path)
-        elif (path / "results.json").is_file():
-            found.append(path / "results.json")
+        elif (path / RESULTS_FILE).is_file():
+            found.append(path / RESULTS_FILE)
         elif path.is_dir():
-            found.extend(sorted(path.rglob("results.json")))
+            found.extend(sorted(path.rglob(RESULTS_FILE)))
         else:
-            raise FileNotFoundError(f"no such file or folder: {path}")
+            raise ResultsError(f"no such file or folder: {path}")
     return list(dict.fromkeys(found))
 
 
@@ -206,6 +208,9 @@ def rows_from_results(
 ) -> tuple[list[Row], list[Path]]:
     """Table rows from ``results.json`` files, in the paper's row order.
 
+    A run that did not finish keeps its row, with its :func:`~.schema.run_status` in ``status``
+    (a killed or failed run shows the epochs it completed).
+
     Returns:
         ``(rows, skipped)``: ``skipped`` lists the files without the selected test block (for
         example the runs of a search, which do not touch the test set).
@@ -215,7 +220,7 @@ def rows_from_results(
     skipped: list[Path] = []
     for file in files:
         path = Path(file)
-        data: dict[str, Any] = json.loads(path.read_text())
+        data = load_results(path)
         block = data.get(key)
         if not block:
             skipped.append(path)
@@ -235,6 +240,7 @@ def rows_from_results(
                 epoch=block["epoch"],
                 selection=block.get("selection", key),
                 source=str(path.parent),
+                status=run_status(data, path.parent),
             )
         )
     return sorted(rows, key=_sort_key), skipped
@@ -260,9 +266,13 @@ def _minutes(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
+def _label(row: Row) -> str:
+    return row.name if row.status == FINISHED else f"{row.name} [{row.status}]"
+
+
 def _markdown_cells(row: Row, compare_paper: bool) -> list[str]:
     cells = [
-        row.name,
+        _label(row),
         _pct(row.accuracy),
         _pct(row.precision),
         _pct(row.recall),
@@ -289,7 +299,10 @@ def _markdown_cells(row: Row, compare_paper: bool) -> list[str]:
 
 
 def markdown_table(rows: Sequence[Row], compare_paper: bool = False) -> str:
-    """The rows as a Markdown table in the paper's layout (plus the paper's columns if asked)."""
+    """The rows as a Markdown table in the paper's layout (plus the paper's columns if asked).
+
+    A run that did not finish shows its status after its name, e.g. ``[killed]``.
+    """
     header = list(_HEADER) + (list(_PAPER_HEADER) if compare_paper else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(_markdown_cells(row, compare_paper)) + " |" for row in rows]
@@ -314,6 +327,7 @@ def csv_table(rows: Sequence[Row], compare_paper: bool = False) -> str:
         "epoch",
         "selection",
         "source",
+        "status",
     ]
     if compare_paper:
         header += [
@@ -340,6 +354,7 @@ def csv_table(rows: Sequence[Row], compare_paper: bool = False) -> str:
             row.epoch,
             row.selection,
             row.source,
+            row.status,
         ]
         if compare_paper:
             p = row.paper
@@ -368,12 +383,16 @@ def seed_table(files: Iterable[str | os.PathLike[str]], selection: Selection = "
     """Markdown: per (model, grid size) the mean +- sample std over runs (seeds) of every metric.
 
     Beside each row: the paper's figures and the difference of the mean accuracy in points;
-    a row more than :data:`MARK_POINTS` away is marked with ``*``. Seeds that are missing show
-    as a lower ``n``.
+    a row more than :data:`MARK_POINTS` away is marked with ``*``. Only finished runs enter the
+    means; the others (running, killed, failed) are listed under the table. Seeds that are
+    missing show as a lower ``n``.
     """
     rows, _ = rows_from_results(files, selection)
+    unfinished = [row for row in rows if row.status != FINISHED]
     groups: dict[tuple[str, str, int | None], list[Row]] = {}
     for row in rows:
+        if row.status != FINISHED:
+            continue
         groups.setdefault((row.dataset, row.model, row.grid_size), []).append(row)
     header = ["Model", "n", "Accuracy", "Precision", "Recall", "F1 Score", "Epoch", "# Params",
               "Minutes per epoch", "Paper Accuracy", "Paper F1 Score", "Δ Accuracy (pp)"]
@@ -397,4 +416,7 @@ def seed_table(files: Iterable[str | os.PathLike[str]], selection: Selection = "
             mark = " *" if abs(delta) > MARK_POINTS else ""
             cells += [f"{paper.accuracy:.2f}%", f"{paper.f1:.2f}%", f"{delta:+.2f}{mark}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if unfinished:
+        lines.append("")
+        lines.append("Left out of the means: " + "; ".join(f"{_label(r)} ({r.source})" for r in unfinished) + ".")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Pictures of :mod:`kanvolution.inspection`'s numbers: phi atlas, nonlinearity map, feature maps,
+"""Pictures of :mod:`kanvolution.viz.analysis`'s numbers: phi atlas, nonlinearity map, feature maps,
 effective kernels and learning curves. Needs matplotlib (``pip install 'kanvolution[viz]'``).
 
 Figures are built on the Agg canvas directly, without pyplot, so the user's backend and pyplot's
@@ -20,7 +20,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .inspection import DEAD_THRESHOLD, LINEAR_THRESHOLD
+from ..experiments.files import atomic_write
+from .analysis import DEAD_THRESHOLD, LINEAR_THRESHOLD
 
 __all__ = [
     "count_panels",
@@ -55,9 +56,9 @@ def _suptitle(fig: Figure, title: str, fontsize: float) -> None:
 
 
 def save(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as a PNG; returns the path."""
+    """Write ``fig`` as a PNG (atomically); returns the path."""
     path = Path(path)
-    fig.savefig(path, format="png", dpi=DPI)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     return path
 
 
@@ -89,7 +90,7 @@ def plot_phi_atlas(atlas: dict[str, np.ndarray], title: str = "") -> Figure:
     dead. The number in a panel is its ``1 - R^2``.
 
     Args:
-        atlas: the output of :func:`kanvolution.inspection.phi_atlas` for a 2-d convolution.
+        atlas: the output of :func:`kanvolution.viz.analysis.phi_atlas` for a 2-d convolution.
     """
     phi, t = atlas["phi"], atlas["t"]
     if phi.ndim != 5:
@@ -197,7 +198,7 @@ def plot_nonlinearity(layers: dict[str, dict[str, Any]], title: str = "") -> Fig
     straight line follows; the title of each map summarises the layer.
 
     Args:
-        layers: ``{name: the output of kanvolution.inspection.nonlinearity_scores}``.
+        layers: ``{name: the output of kanvolution.viz.analysis.nonlinearity_scores}``.
     """
     if not layers:
         raise ValueError("no layers to draw")

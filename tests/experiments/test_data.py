@@ -1,4 +1,4 @@
-"""Tests of kanvolution.data: file lookup, strict IDX parsing, downloads (faked), batching, splits."""
+"""Tests of kanvolution.experiments.data: file lookup, strict IDX parsing, downloads (faked), batching, splits."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kanvolution import data
+from kanvolution.experiments import data
 
 STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

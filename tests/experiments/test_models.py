@@ -1,4 +1,4 @@
-"""Tests of kanvolution.models: every registered model against the paper's table, and the registry."""
+"""Tests of kanvolution.experiments.models: every registered model against the paper's table, and the registry."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kanvolution import KANConv2d, KANLinear
-from kanvolution import models
+from kanvolution.experiments import models
 
 # The paper's parameter counts (SPEC section 2): name -> {grid_size: count}; None for plain CNNs.
 PAPER_PARAMS = {

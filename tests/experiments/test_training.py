@@ -1,4 +1,4 @@
-"""Tests of kanvolution.train: results schema, checkpoints, resume, non-finite loss, DDP sharding."""
+"""Tests of kanvolution.experiments.training (and the config, checkpoint and schema it writes): results schema, checkpoints, resume, non-finite loss, DDP sharding."""
 
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from kanvolution import train as train_mod
-from kanvolution.train import (
-    ConfigError,
+from kanvolution.experiments import training as train_mod
+from kanvolution.experiments.checkpoint import load_checkpoint
+from kanvolution.experiments.config import ConfigError, TrainConfig
+from kanvolution.experiments.distributed import shard_batch
+from kanvolution.experiments.schema import load_results
+from kanvolution.experiments.training import (
     NonFiniteLossError,
     RunExistsError,
-    TrainConfig,
     classification_metrics,
     evaluate,
-    load_checkpoint,
-    load_results,
-    shard_batch,
     train,
 )
 
@@ -118,7 +117,7 @@ def test_checkpoint_loads_with_weights_only(tiny, tmp_path):
     assert isinstance(state["rng"]["torch"], torch.Tensor) and isinstance(state["rng"]["shuffle"], torch.Tensor)
     assert set(state) >= {"model", "optimizer", "scheduler", "history", "config"}
     # The atomic write leaves no temporary file behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "learning_curves.png", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoint.pt", "learning_curves.png", "results.json"]
 
 
 @pytest.mark.parametrize("schedule", ["none", "cosine"])
@@ -180,21 +179,22 @@ class _NaNAfter(nn.Module):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    build = train_mod._build_model
+    build = train_mod.build_model
     # 512 images at batch 128: four steps an epoch, so the loss turns NaN in epoch 2.
-    monkeypatch.setattr(train_mod, "_build_model", lambda config: _NaNAfter(build(config), good_steps=5))
+    monkeypatch.setattr(train_mod, "build_model", lambda config: _NaNAfter(build(config), good_steps=5))
     with pytest.raises(NonFiniteLossError, match="epoch 2, step 2"):
         train(tiny(epochs=3), tmp_path, log=None)
     state = load_checkpoint(tmp_path)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     results = load_results(tmp_path)
-    assert results["status"].startswith("stopped") and len(results["history"]) == 1
+    assert results["status"] == "failed" and "nan" in results["error"]
+    assert len(results["history"]) == 1
 
 
 def test_non_finite_loss_in_first_epoch_writes_no_checkpoint(tiny, tmp_path, monkeypatch):
-    build = train_mod._build_model
-    monkeypatch.setattr(train_mod, "_build_model", lambda config: _NaNAfter(build(config), good_steps=0))
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda config: _NaNAfter(build(config), good_steps=0))
     with pytest.raises(NonFiniteLossError, match="no checkpoint"):
         train(tiny(), tmp_path, log=None)
     assert not (tmp_path / "checkpoint.pt").exists()

@@ -1,0 +1,305 @@
+"""Speed and memory benchmarks (``kanvolution bench``): training steps, one layer, one epoch.
+
+Every figure that is compared is measured in the same run with interleaved repetitions (median),
+and reported as a ratio, because absolute times on shared machines drift.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["add_arguments", "run", "time_interleaved", "train_step_benchmark", "layer_benchmark",
+           "layer_peak_memory", "epoch_benchmark"]
+
+STEP_MODELS = [  # (label, registry name, grid size, implementation)
+    ("KANC MLP (Medium) gs=10", "kanc_mlp_medium", 10, "fused"),
+    ("KANC MLP (Medium) gs=20", "kanc_mlp_medium", 20, "fused"),
+    ("KKAN (Small) gs=10", "kkan_small", 10, "fused"),
+    ("CNN (Medium)", "cnn_medium", None, None),
+    ("KANC MLP (Medium) gs=10, reference loop", "kanc_mlp_medium", 10, "reference"),
+]
+TARGETS = {  # issue targets, checked and printed beside the measured ratios
+    "kanc10_vs_cnn": 3.0,
+    "kanc20_vs_cnn": 4.0,
+    "reference_vs_kanc10": 250.0,
+    "memory_vs_naive": 1 / 3,
+    "epoch_seconds": 15.0,
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                     slow: dict[str, int] | None = None) -> dict[str, list[float]]:
+    """Run each function once per round, round after round, so drift hits all of them alike.
+
+    ``slow`` caps the number of rounds for very slow entries (they still interleave).
+    """
+    slow = slow or {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():  # warm-up: allocator, oneDNN primitives, lazy init
+        fn()
+    _sync(device)
+    for r in range(repeats):
+        for name, fn in fns.items():
+            if r >= slow.get(name, repeats):
+                continue
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _make_step(model: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.nll_loss(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def train_step_benchmark(batch: int = 128, repeats: int = 20, reference_repeats: int = 3,
+                         device: torch.device | None = None, include_reference: bool = True) -> dict:
+    """Median training-step time (forward, backward, AdamW) of the zoo models at ``batch``."""
+    from ..layers import kan_layers
+    from .models import create_model
+
+    device = device or torch.device("cpu")
+    fns = {}
+    for label, name, gs, impl in STEP_MODELS:
+        if impl == "reference" and not include_reference:
+            continue
+        torch.manual_seed(0)
+        model = create_model(name, **({"grid_size": gs} if gs else {})).to(device)
+        for _, layer in kan_layers(model):
+            layer.implementation = impl
+        fns[label] = _make_step(model, batch, device)
+    times = time_interleaved(fns, repeats, device, slow={STEP_MODELS[-1][0]: reference_repeats})
+    med = {k: statistics.median(v) for k, v in times.items()}
+    cnn = med["CNN (Medium)"]
+    rows = {k: {"median_ms": v * 1e3, "runs": len(times[k]), "vs_cnn": v / cnn} for k, v in med.items()}
+    ratios = {
+        "kanc10_vs_cnn": med["KANC MLP (Medium) gs=10"] / cnn,
+        "kanc20_vs_cnn": med["KANC MLP (Medium) gs=20"] / cnn,
+    }
+    ref = STEP_MODELS[-1][0]
+    if ref in med:
+        ratios["reference_vs_kanc10"] = med[ref] / med["KANC MLP (Medium) gs=10"]
+    return {"batch": batch, "steps": rows, "ratios": ratios}
+
+
+def layer_benchmark(repeats: int = 10, device: torch.device | None = None) -> dict:
+    """``KANConv2d(64, 64, 3, padding=1, grid_size=10)`` vs ``nn.Conv2d`` on ``(16, 64, 32, 32)``."""
+    from ..layers import KANConv2d
+
+    device = device or torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, 32, 32, device=device, requires_grad=True)
+    layers = {
+        "KANConv2d": KANConv2d(64, 64, 3, padding=1, grid_size=10).to(device),
+        "KANConv2d naive": KANConv2d(64, 64, 3, padding=1, grid_size=10, implementation="naive").to(device),
+        "nn.Conv2d": nn.Conv2d(64, 64, 3, padding=1).to(device),
+    }
+    fns = {}
+    for name, layer in layers.items():
+        fns[f"{name} forward"] = (lambda m: lambda: m(x))(layer)
+        fns[f"{name} forward+backward"] = (lambda m: lambda: m(x).sum().backward())(layer)
+    with torch.no_grad():
+        fwd_only = {k: v for k, v in fns.items() if k.endswith("forward")}
+        t_fwd = time_interleaved(fwd_only, repeats, device)
+    t_bwd = time_interleaved({k: v for k, v in fns.items() if k.endswith("backward")}, repeats, device)
+    med = {k: statistics.median(v) for k, v in {**t_fwd, **t_bwd}.items()}
+    return {
+        "shape": [16, 64, 32, 32],
+        "times_ms": {k: v * 1e3 for k, v in med.items()},
+        "ratios": {
+            "forward_vs_conv": med["KANConv2d forward"] / med["nn.Conv2d forward"],
+            "forward_backward_vs_conv": med["KANConv2d forward+backward"] / med["nn.Conv2d forward+backward"],
+            "forward_backward_vs_naive": med["KANConv2d forward+backward"] / med["KANConv2d naive forward+backward"],
+        },
+    }
+
+
+_MEMORY_SCRIPT = r"""
+import json, re, sys, torch
+from torch import nn
+from kanvolution import KANConv2d
+impl, device = sys.argv[1], torch.device(sys.argv[2])
+torch.manual_seed(0)
+if impl == "conv":
+    layer = nn.Conv2d(64, 64, 3, padding=1).to(device)
+else:
+    layer = KANConv2d(64, 64, 3, padding=1, grid_size=10, implementation=impl).to(device)
+x = torch.randn(16, 64, 32, 32, device=device, requires_grad=True)
+def step():
+    layer(x).sum().backward()
+    layer.zero_grad(set_to_none=True); x.grad = None
+step()  # warm-up: primitives, thread pools
+def status(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+if device.type == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated(); step(); torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark
+    base = status("VmRSS"); step(); peak = status("VmHWM") - base
+print(json.dumps({"peak_bytes": peak}))
+"""
+
+
+def layer_peak_memory(device: torch.device | None = None) -> dict:
+    """Peak extra memory of one forward+backward of the 64->64 layer, each in a fresh process.
+
+    CPU: growth of the resident set's high-water mark (Linux ``/proc``), with glibc told to hand
+    large blocks straight back to the system so that freed memory is not counted as still live.
+    CUDA: ``torch.cuda.max_memory_allocated``.
+    """
+    device = device or torch.device("cpu")
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        return {"error": "peak memory on CPU needs Linux /proc"}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    out = {}
+    for impl in ("fused", "naive", "conv"):
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)], env=env,
+                              capture_output=True, text=True, check=True)
+        out[impl] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return {
+        "peak_mib": {k: v / 2**20 for k, v in out.items()},
+        "ratios": {"fused_vs_naive": out["fused"] / out["naive"], "fused_vs_conv": out["fused"] / out["conv"]},
+    }
+
+
+def epoch_benchmark(data_dir: str | None, model: str = "kanc_mlp_medium", grid_size: int | None = 10,
+                    device: str = "cpu") -> dict:
+    """One epoch (60k training images + the 10k test pass, batch 128, AdamW 1e-3) through the trainer."""
+    from .config import TrainConfig
+    from .training import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = TrainConfig(model=model, grid_size=grid_size, dataset="fashion-mnist", data_dir=data_dir,
+                             epochs=1, batch_size=128, lr=1e-3, device=device, progress=False, download=False)
+        results = train(config, tmp, log=None)
+    entry = results["history"][-1]
+    return {"model": model, "grid_size": grid_size, "seconds": entry["seconds"],
+            "minutes_per_epoch": results["minutes_per_epoch"], "test_accuracy": entry["test_accuracy"]}
+
+
+def _environment(device: torch.device) -> dict:
+    from .environment import cpu_name
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _print_report(report: dict) -> None:
+    print(f"# kanvolution bench ({report['environment']['device']}, {report['environment']['threads']} threads, "
+          f"torch {report['environment']['torch']})")
+    if "train_step" in report:
+        s = report["train_step"]
+        print(f"\nTraining step, batch {s['batch']} (forward + backward + AdamW), median")
+        print("| model | ms / step | x CNN (Medium) | runs |\n| --- | ---: | ---: | ---: |")
+        for name, row in s["steps"].items():
+            print(f"| {name} | {row['median_ms']:.2f} | {row['vs_cnn']:.2f} | {row['runs']} |")
+    if "layer" in report:
+        s = report["layer"]
+        print("\nLayer KANConv2d(64, 64, 3, padding=1, grid_size=10) on (16, 64, 32, 32), median")
+        print("| what | ms |\n| --- | ---: |")
+        for name, ms in s["times_ms"].items():
+            print(f"| {name} | {ms:.2f} |")
+    if "memory" in report and "peak_mib" in report["memory"]:
+        s = report["memory"]
+        print("\nPeak memory of one forward+backward of that layer (fresh process each)")
+        print("| implementation | peak MiB |\n| --- | ---: |")
+        for name, mib in s["peak_mib"].items():
+            print(f"| {name} | {mib:.1f} |")
+    if "epoch" in report:
+        s = report["epoch"]
+        print(f"\nFashion-MNIST epoch through the trainer ({s['model']}, gs={s['grid_size']}): "
+              f"{s['seconds']:.1f} s = {s['minutes_per_epoch']:.4f} minutes per epoch")
+    print("\nRatios (same run) against the targets")
+    for name, (value, target, ok) in report["checks"].items():
+        print(f"- {name}: {value:.3f} (target {'<=' if name != 'reference_vs_kanc10' else '>='} {target:g}) "
+              f"{'OK' if ok else 'MISSED'}")
+
+
+def _checks(report: dict) -> dict:
+    checks = {}
+    ratios = report.get("train_step", {}).get("ratios", {})
+    for key in ("kanc10_vs_cnn", "kanc20_vs_cnn"):
+        if key in ratios:
+            checks[key] = (ratios[key], TARGETS[key], ratios[key] <= TARGETS[key])
+    if "reference_vs_kanc10" in ratios:
+        v = ratios["reference_vs_kanc10"]
+        checks["reference_vs_kanc10"] = (v, TARGETS["reference_vs_kanc10"], v >= TARGETS["reference_vs_kanc10"])
+    mem = report.get("memory", {}).get("ratios", {})
+    if "fused_vs_naive" in mem:
+        v = mem["fused_vs_naive"]
+        checks["memory_vs_naive"] = (v, TARGETS["memory_vs_naive"], v <= TARGETS["memory_vs_naive"])
+    if "epoch" in report:
+        v = report["epoch"]["seconds"]
+        checks["epoch_seconds"] = (v, TARGETS["epoch_seconds"], v <= TARGETS["epoch_seconds"])
+    return checks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", nargs="+", choices=("step", "layer", "memory", "epoch"),
+                        default=["step", "layer", "memory", "epoch"], help="which benchmarks to run")
+    parser.add_argument("--data-dir", default=None, help="folder with fashion-mnist/ (for the epoch benchmark)")
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds of the step benchmark")
+    parser.add_argument("--reference-repeats", type=int, default=3, help="rounds for the slow reference loop")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference loop")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", default="benchmarks/results.json", help="JSON file for the report")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report: dict = {"environment": _environment(device), "command": "kanvolution bench " + " ".join(sys.argv[2:])}
+    if "step" in args.only:
+        report["train_step"] = train_step_benchmark(repeats=args.repeats, reference_repeats=args.reference_repeats,
+                                                    device=device, include_reference=not args.no_reference)
+    if "layer" in args.only:
+        report["layer"] = layer_benchmark(device=device)
+    if "memory" in args.only:
+        report["memory"] = layer_peak_memory(device)
+    if "epoch" in args.only:
+        report["epoch"] = epoch_benchmark(args.data_dir, device=args.device)
+    report["checks"] = _checks(report)
+    _print_report(report)
+    if args.out:
+        from .files import write_json
+
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
+        print(f"\nwrote {path}")
+    return 0

@@ -1,0 +1,313 @@
+"""The paper's model zoo (28x28 grey images, 10 classes) behind a small name registry:
+``create_model("kanc_mlp_medium", grid_size=20)``, ``list_models("kkan*")``, ``paper_name(...)``."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import KANConv2d, KANLinear
+
+__all__ = [
+    "ZooModel",
+    "ModelInfo",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_info",
+    "paper_name",
+    "kanc_mlp_small",
+    "kanc_mlp_medium",
+    "kanc_mlp_big",
+    "kkan_small",
+    "kkan_medium",
+    "conv_kan_small",
+    "conv_kan_medium",
+    "cnn_small",
+    "cnn_medium",
+    "cnn_big",
+    "cnn_more_convs",
+    "ckan_bn",
+]
+
+DEFAULT_GRID_SIZE = 10
+_FLAT = 5 * 5  # 28 -conv-> 26 -pool-> 13 -conv-> 11 -pool-> 5, per channel
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered model: its registry name, its name in the paper's tables, its builder."""
+
+    name: str
+    table_name: str  # without the "(gs = N)" suffix, e.g. "KANC MLP (Medium)"
+    builder: Callable[..., nn.Module]
+
+    @property
+    def has_kan(self) -> bool:
+        """Whether the model has KAN layers (and so takes ``grid_size``)."""
+        return "grid_size" in inspect.signature(self.builder).parameters
+
+    @property
+    def description(self) -> str:
+        """The layer list, from the first line of the builder's docstring."""
+        return (self.builder.__doc__ or "").strip().splitlines()[0]
+
+    def paper_name(self, grid_size: int = DEFAULT_GRID_SIZE) -> str:
+        """The row name in the paper's results table, e.g. ``"KKAN (Small) (gs = 20)"``."""
+        return f"{self.table_name} (gs = {grid_size})" if self.has_kan else self.table_name
+
+
+_REGISTRY: dict[str, ModelInfo] = {}  # in the order of the paper's table
+
+
+def register_model(table_name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a builder under its function name, with the name the paper's tables use.
+
+    Examples:
+        >>> @register_model("Tiny")
+        ... def tiny_example():
+        ...     return ZooModel([("fc", nn.Linear(784, 10))], paper_name="Tiny")
+        >>> model_info("tiny_example").table_name
+        'Tiny'
+        >>> _ = _REGISTRY.pop("tiny_example")
+    """
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = builder.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(name, table_name, builder)
+        return builder
+
+    return decorator
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name``; a ``ValueError`` listing the valid names if unknown."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Valid names: {', '.join(_REGISTRY)}") from None
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names in the order of the paper's table, filtered by an fnmatch pattern.
+
+    Examples:
+        >>> list_models("kkan*")
+        ['kkan_small', 'kkan_medium']
+    """
+    return [name for name in _REGISTRY if pattern is None or fnmatch.fnmatchcase(name, pattern)]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model; ``kwargs`` go to its builder (e.g. ``grid_size`` for KAN models).
+
+    Examples:
+        >>> import torch
+        >>> model = create_model("cnn_medium")
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+        >>> create_model("kkan_small", grid_size=20).paper_name
+        'KKAN (Small) (gs = 20)'
+    """
+    info = model_info(name)
+    if "grid_size" in kwargs and not info.has_kan:
+        raise ValueError(f"{name!r} has no KAN layers, so it takes no grid_size")
+    return info.builder(**kwargs)
+
+
+def paper_name(name: str, grid_size: int = DEFAULT_GRID_SIZE) -> str:
+    """The paper's table name of a registered model at a grid size (ignored for plain CNNs).
+
+    Examples:
+        >>> paper_name("kanc_mlp_medium", 20)
+        'KANC MLP (Medium) (gs = 20)'
+        >>> paper_name("cnn_more_convs")
+        'CNN (Medium, but with more convs)'
+    """
+    return model_info(name).paper_name(grid_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class ZooModel(nn.Module):
+    """A stack of named layers followed by ``log_softmax``: every model of the zoo.
+
+    ``model.layers`` is the ``nn.Sequential`` without the ``log_softmax``, so
+    ``model.layers[:3](x)`` gives intermediate feature maps.
+
+    Args:
+        layers: ``(name, module)`` pairs, applied in order.
+        paper_name: the row name in the paper's results table.
+
+    Shape:
+        - Input: ``(N, 1, 28, 28)``. Output: ``(N, 10)`` log-probabilities.
+    """
+
+    def __init__(self, layers: list[tuple[str, nn.Module]], *, paper_name: str) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(OrderedDict(layers))
+        self.paper_name = paper_name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.layers(x), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"paper_name={self.paper_name!r}"
+
+
+def _kan_conv(in_channels: int, out_channels: int, grid_size: int, kan_options: dict[str, Any]) -> KANConv2d:
+    """The paper's "KAN conv": 3x3, no padding, grid_range (-1, 1) (the layer's defaults)."""
+    return KANConv2d(in_channels, out_channels, 3, grid_size=grid_size, **kan_options)
+
+
+def _kan_linear(in_features: int, out_features: int, grid_size: int, kan_options: dict[str, Any]) -> KANLinear:
+    """The paper's "KANLinear": grid_range (0, 1), scale_noise 0.01, cubic splines."""
+    options = {"grid_range": (0.0, 1.0), "scale_noise": 0.01, "spline_order": 3, **kan_options}
+    return KANLinear(in_features, out_features, grid_size=grid_size, **options)
+
+
+def _kan_trunk(
+    channels: int, grid_size: int, kan_options: dict[str, Any], batch_norm: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """KAN conv 1->5, [BatchNorm], pool, KAN conv 5->channels, [BatchNorm], pool, flatten."""
+    return [
+        ("conv1", _kan_conv(1, 5, grid_size, kan_options)),
+        *([("bn1", nn.BatchNorm2d(5))] if batch_norm else []),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", _kan_conv(5, channels, grid_size, kan_options)),
+        *([("bn2", nn.BatchNorm2d(channels))] if batch_norm else []),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+    ]
+
+
+def _cnn_trunk(channels1: int, channels2: int) -> list[tuple[str, nn.Module]]:
+    """Conv 1->channels1, ReLU, pool, conv channels1->channels2, ReLU, pool, flatten."""
+    return [
+        ("conv1", nn.Conv2d(1, channels1, 3)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(channels1, channels2, 3)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+    ]
+
+
+@register_model("KANC MLP (Small)")
+def kanc_mlp_small(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, pool, KAN conv 5->5, pool, Linear 125->10.
+
+    ``kan_options`` (e.g. ``spline_order``, ``base_activation``) go to every KAN layer.
+    """
+    layers = _kan_trunk(5, grid_size, kan_options) + [("fc1", nn.Linear(5 * _FLAT, 10))]
+    return ZooModel(layers, paper_name=paper_name("kanc_mlp_small", grid_size))
+
+
+@register_model("KANC MLP (Medium)")
+def kanc_mlp_medium(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, pool, KAN conv 5->10, pool, Linear 250->10."""
+    layers = _kan_trunk(10, grid_size, kan_options) + [("fc1", nn.Linear(10 * _FLAT, 10))]
+    return ZooModel(layers, paper_name=paper_name("kanc_mlp_medium", grid_size))
+
+
+@register_model("KANC MLP (Big)")
+def kanc_mlp_big(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, pool, KAN conv 5->10, pool, Linear 250->100, Linear 100->10."""
+    # No activation between the two Linear layers: the paper's model has none.
+    layers = _kan_trunk(10, grid_size, kan_options) + [
+        ("fc1", nn.Linear(10 * _FLAT, 100)),
+        ("fc2", nn.Linear(100, 10)),
+    ]
+    return ZooModel(layers, paper_name=paper_name("kanc_mlp_big", grid_size))
+
+
+@register_model("KKAN (Small)")
+def kkan_small(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, pool, KAN conv 5->5, pool, KANLinear 125->10."""
+    layers = _kan_trunk(5, grid_size, kan_options) + [
+        ("kan1", _kan_linear(5 * _FLAT, 10, grid_size, kan_options)),
+    ]
+    return ZooModel(layers, paper_name=paper_name("kkan_small", grid_size))
+
+
+@register_model("KKAN (Medium)")
+def kkan_medium(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, pool, KAN conv 5->10, pool, KANLinear 250->10."""
+    layers = _kan_trunk(10, grid_size, kan_options) + [
+        ("kan1", _kan_linear(10 * _FLAT, 10, grid_size, kan_options)),
+    ]
+    return ZooModel(layers, paper_name=paper_name("kkan_medium", grid_size))
+
+
+@register_model("Conv & KAN (Small)")
+def conv_kan_small(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """Conv 1->5, ReLU, pool, conv 5->5, ReLU, pool, KANLinear 125->10."""
+    layers = _cnn_trunk(5, 5) + [("kan1", _kan_linear(5 * _FLAT, 10, grid_size, kan_options))]
+    return ZooModel(layers, paper_name=paper_name("conv_kan_small", grid_size))
+
+
+@register_model("Conv & KAN (Medium)")
+def conv_kan_medium(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """Conv 1->5, ReLU, pool, conv 5->10, ReLU, pool, KANLinear 250->10."""
+    layers = _cnn_trunk(5, 10) + [("kan1", _kan_linear(10 * _FLAT, 10, grid_size, kan_options))]
+    return ZooModel(layers, paper_name=paper_name("conv_kan_medium", grid_size))
+
+
+@register_model("CNN (Small)")
+def cnn_small() -> ZooModel:
+    """Conv 1->5, ReLU, pool, conv 5->5, ReLU, pool, Linear 125->10."""
+    layers = _cnn_trunk(5, 5) + [("fc1", nn.Linear(5 * _FLAT, 10))]
+    return ZooModel(layers, paper_name=paper_name("cnn_small"))
+
+
+@register_model("CNN (Medium)")
+def cnn_medium() -> ZooModel:
+    """Conv 1->5, ReLU, pool, conv 5->10, ReLU, pool, Linear 250->10."""
+    layers = _cnn_trunk(5, 10) + [("fc1", nn.Linear(10 * _FLAT, 10))]
+    return ZooModel(layers, paper_name=paper_name("cnn_medium"))
+
+
+@register_model("CNN (Big)")
+def cnn_big() -> ZooModel:
+    """Conv 1->5, ReLU, pool, conv 5->10, ReLU, pool, Linear 250->100, ReLU, Linear 100->10."""
+    layers = _cnn_trunk(5, 10) + [
+        ("fc1", nn.Linear(10 * _FLAT, 100)),
+        ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(100, 10)),
+    ]
+    return ZooModel(layers, paper_name=paper_name("cnn_big"))
+
+
+@register_model("CNN (Medium, but with more convs)")
+def cnn_more_convs() -> ZooModel:
+    """Conv 1->10, ReLU, pool, conv 10->20, ReLU, pool, Linear 500->10."""
+    layers = _cnn_trunk(10, 20) + [("fc1", nn.Linear(20 * _FLAT, 10))]
+    return ZooModel(layers, paper_name=paper_name("cnn_more_convs"))
+
+
+@register_model("CKAN_BN")
+def ckan_bn(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->5, BatchNorm, pool, KAN conv 5->25, BatchNorm, pool, Linear 625->256, Linear 256->10."""
+    layers = _kan_trunk(25, grid_size, kan_options, batch_norm=True) + [
+        ("fc1", nn.Linear(25 * _FLAT, 256)),
+        ("fc2", nn.Linear(256, 10)),
+    ]
+    return ZooModel(layers, paper_name=paper_name("ckan_bn", grid_size))
