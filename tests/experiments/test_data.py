@@ -124,11 +124,14 @@ def test_environment_variable_is_searched(shared_data_dir, monkeypatch, tmp_path
 
 
 def test_data_dir_comes_before_the_environment(monkeypatch, tmp_path):
-    tiny_split(tmp_path / "explicit" / "mnist", n_images=2, n_labels=2)
-    tiny_split(tmp_path / "env" / "mnist", n_images=3, n_labels=3)
+    # Tiny files are refused by name, which shows the folder each call read.
+    tiny_split(tmp_path / "explicit" / "mnist")
+    tiny_split(tmp_path / "env" / "mnist")
     monkeypatch.setenv("KANVOLUTION_DATA", str(tmp_path / "env"))
-    assert len(data.load_raw("mnist", "test", download=False)[0]) == 3
-    assert len(data.load_raw("mnist", "test", data_dir=tmp_path / "explicit", download=False)[0]) == 2
+    with pytest.raises(data.CorruptDatasetError, match=str(tmp_path / "env")):
+        data.load_raw("mnist", "test", download=False)
+    with pytest.raises(data.CorruptDatasetError, match=str(tmp_path / "explicit")):
+        data.load_raw("mnist", "test", data_dir=tmp_path / "explicit", download=False)
 
 
 def test_cache_dir_follows_xdg(tmp_path):
@@ -204,11 +207,72 @@ def test_wrong_image_shape_and_label_values(tmp_path):
         data.load_raw("mnist", "test", data_dir=tmp_path, download=False)
 
 
-def test_replaced_file_is_read_again(tmp_path):
-    tiny_split(tmp_path / "mnist", n_images=3, n_labels=3)
-    assert len(data.load_raw("mnist", "test", data_dir=tmp_path, download=False)[0]) == 3
-    tiny_split(tmp_path / "mnist", n_images=5, n_labels=5)
-    assert len(data.load_raw("mnist", "test", data_dir=tmp_path, download=False)[0]) == 5
+def _copy_split(shared_data_dir, folder, split="test", order=None):
+    """The shared files of one split written to ``folder`` (decompressed), their rows reordered by ``order``."""
+    images, labels = data.load_raw("fashion-mnist", split, data_dir=shared_data_dir, download=False)
+    if order is not None:
+        images, labels = images[order], labels[order]
+    prefix = "t10k" if split == "test" else "train"
+    write_idx(folder / f"{prefix}-images-idx3-ubyte", images.squeeze(1).numpy())
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.to(torch.uint8).numpy())
+
+
+def test_replaced_file_is_read_again(shared_data_dir, tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    _copy_split(shared_data_dir, folder)
+    first = data.load_raw("fashion-mnist", "test", data_dir=tmp_path, download=False)[1]
+    _copy_split(shared_data_dir, folder, order=torch.arange(10_000).flip(0))
+    again = data.load_raw("fashion-mnist", "test", data_dir=tmp_path, download=False)[1]
+    assert torch.equal(again, first.flip(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification of the contents: honest copies pass, other files are refused
+
+
+def test_an_honest_reordered_copy_is_accepted(shared_data_dir, tmp_path):
+    # Not byte-identical to any known file (rows reordered, not gzipped): its checks still pass.
+    order = torch.randperm(10_000, generator=torch.Generator().manual_seed(1))
+    _copy_split(shared_data_dir, tmp_path / "fashion-mnist", order=order)
+    images, labels = data.load_raw("fashion-mnist", "test", data_dir=tmp_path, download=False)
+    assert images.shape == (10_000, 1, 28, 28) and torch.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mnist_labels_in_the_fashion_folder_are_refused(shared_data_dir, tmp_path, split):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    prefix = "t10k" if split == "test" else "train"
+    for kind in ("images-idx3", "labels-idx1"):
+        source = "mnist" if kind.startswith("labels") else "fashion-mnist"
+        shutil.copy(shared_data_dir / source / f"{prefix}-{kind}-ubyte.gz", folder)
+    with pytest.raises(data.CorruptDatasetError, match=f"holds MNIST's {prefix}-labels-idx1-ubyte, not Fashion-MNIST's"):
+        data.load_raw("fashion-mnist", split, data_dir=tmp_path, download=False)
+
+
+def test_unknown_labels_of_the_wrong_balance_are_refused(shared_data_dir, tmp_path):
+    # MNIST's test labels, re-ordered so that no checksum knows them: the class balance gives them away.
+    labels = data.load_raw("mnist", "test", data_dir=shared_data_dir, download=False)[1].flip(0)
+    folder = tmp_path / "fashion-mnist"
+    _copy_split(shared_data_dir, folder)
+    write_idx(folder / "t10k-labels-idx1-ubyte", labels.to(torch.uint8).numpy())
+    with pytest.raises(data.CorruptDatasetError, match="not Fashion-MNIST's .exactly 10% each"):
+        data.load_raw("fashion-mnist", "test", data_dir=tmp_path, download=False)
+
+
+def test_a_split_of_the_wrong_size_is_refused(tmp_path):
+    tiny_split(tmp_path / "mnist")
+    with pytest.raises(data.CorruptDatasetError, match="has 10000 images, this file 3"):
+        data.load_raw("mnist", "test", data_dir=tmp_path, download=False)
+
+
+def test_test_files_in_place_of_the_training_files_are_refused(shared_data_dir, tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for kind in ("images-idx3", "labels-idx1"):
+        shutil.copy(shared_data_dir / "mnist" / f"t10k-{kind}-ubyte.gz", folder / f"train-{kind}-ubyte.gz")
+    with pytest.raises(data.CorruptDatasetError, match="holds MNIST's t10k-images-idx3-ubyte, not MNIST's train-images"):
+        data.load_raw("mnist", "train", data_dir=tmp_path, download=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,28 @@ _MD5 = {
         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
     },
 }
+# SHA-256 of the decompressed contents of known honest copies that differ from the official
+# gzipped files (whose MD5 sums are above): the copies this project's test machines hold.
+_KNOWN_SHA256: dict[tuple[str, str], frozenset[str]] = {
+    ("mnist", "train-images-idx3-ubyte"): frozenset({"ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"}),
+    ("mnist", "train-labels-idx1-ubyte"): frozenset({"65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"}),
+    ("mnist", "t10k-images-idx3-ubyte"): frozenset({"0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"}),
+    ("mnist", "t10k-labels-idx1-ubyte"): frozenset({"ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"}),
+    ("fashion-mnist", "train-images-idx3-ubyte"): frozenset(
+        {"78af20091c5d087c418fa52c91e53862a972bd443e63fb11d2e786b92808aa16"}
+    ),
+    ("fashion-mnist", "train-labels-idx1-ubyte"): frozenset(
+        {"7cd88f551e93510030f93325e39e5d8112c932e2d6d2b1fde7ead816545ae184"}
+    ),
+    ("fashion-mnist", "t10k-images-idx3-ubyte"): frozenset(
+        {"30270969a8ba48240e771468112d9ad6bcf9f164314c3a6bb60964d10f48e351"}
+    ),
+    ("fashion-mnist", "t10k-labels-idx1-ubyte"): frozenset(
+        {"59df6c6ad638dc43879f10a8c5b516aabdcef4f924ba14410bf8aec5e518b1c4"}
+    ),
+}
+_TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+_SPLIT_SIZE = {"train": 60_000, "test": 10_000}
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IMAGE_SIZE = (28, 28)
 _NUM_CLASSES = 10
@@ -251,6 +273,39 @@ def download_dataset(
     return folder
 
 
+def _decompressed(path: Path) -> tuple[bytes, str | None]:
+    """The file's IDX bytes, and the MD5 of the file itself when it is gzipped."""
+    raw = path.read_bytes()
+    if raw[:2] != b"\x1f\x8b":
+        return raw, None
+    try:
+        return gzip.decompress(raw), hashlib.md5(raw, usedforsecurity=False).hexdigest()
+    except (OSError, EOFError, zlib.error) as err:
+        raise _corrupt(path, f"broken gzip data ({err})") from err
+
+
+def _corrupt(path: Path, problem: str) -> CorruptDatasetError:
+    return CorruptDatasetError(f"{path}: {problem}; delete the file and download it again")
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    if len(raw) < 4:
+        raise _corrupt(path, f"only {len(raw)} bytes, too short for an IDX header")
+    zero0, zero1, code, ndim = raw[:4]
+    if zero0 != 0 or zero1 != 0 or code not in _IDX_DTYPES or ndim == 0:
+        raise _corrupt(path, f"bad IDX magic number 0x{raw[:4].hex()}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise _corrupt(path, f"the header announces {ndim} dims but the file ends after {len(raw)} bytes")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[code])
+    count = math.prod(dims)
+    if len(raw) != header + count * dtype.itemsize:
+        raise _corrupt(path, f"shape {dims} needs {count * dtype.itemsize} data bytes, found {len(raw) - header}")
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))  # a writable, native-endian copy
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one IDX file (gzipped or not) into a native-endian numpy array.
 
@@ -271,54 +326,80 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         array([7, 8, 9], dtype=uint8)
     """
     path = Path(path)
-    raw = path.read_bytes()
+    return _parse_idx(_decompressed(path)[0], path)
 
-    def corrupt(problem: str) -> CorruptDatasetError:
-        return CorruptDatasetError(f"{path}: {problem}; delete the file and download it again")
 
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
-            raise corrupt(f"broken gzip data ({err})") from err
-    if len(raw) < 4:
-        raise corrupt(f"only {len(raw)} bytes, too short for an IDX header")
-    zero0, zero1, code, ndim = raw[:4]
-    if zero0 != 0 or zero1 != 0 or code not in _IDX_DTYPES or ndim == 0:
-        raise corrupt(f"bad IDX magic number 0x{raw[:4].hex()}")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise corrupt(f"the header announces {ndim} dims but the file ends after {len(raw)} bytes")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    count = math.prod(dims)
-    if len(raw) != header + count * dtype.itemsize:
-        raise corrupt(
-            f"shape {dims} needs {count * dtype.itemsize} data bytes, found {len(raw) - header}"
+def _identify(raw: bytes, gzip_md5: str | None) -> tuple[str, str] | None:
+    """``(dataset, file stem)`` of a known copy (official or shared) with these contents, else None."""
+    digest = hashlib.sha256(raw).hexdigest()
+    for (name, stem), sums in _KNOWN_SHA256.items():
+        if digest in sums:
+            return name, stem
+    for name, files in _MD5.items():
+        for filename, md5 in files.items():
+            if md5 == gzip_md5:
+                return name, filename.removesuffix(".gz")
+    return None
+
+
+def _verified(name: str, split: str, path: Path, kind: str) -> np.ndarray:
+    """One file of a split, parsed and checked to be what it claims to be.
+
+    The checks accept any honest copy (official, re-compressed, re-ordered): IDX structure, the
+    split's size, 28x28 uint8 images, labels 0..9 with every class near 10% (exactly 10% for
+    Fashion-MNIST), and a file whose contents are a known copy of another dataset's or split's
+    file is refused by name.
+    """
+    raw, gzip_md5 = _decompressed(path)
+    array = _parse_idx(raw, path)
+    stem = _FILES[split][0 if kind == "images" else 1]
+    known = _identify(raw, gzip_md5)
+    if known is not None and known != (name, stem):
+        raise CorruptDatasetError(
+            f"{path} holds {_TITLES[known[0]]}'s {known[1]}, not {_TITLES[name]}'s {stem};"
+            f" put the right file there"
         )
-    array = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
-    return array.astype(dtype.newbyteorder("="))  # a writable, native-endian copy
+    if kind == "images":
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[1:] != _IMAGE_SIZE:
+            raise CorruptDatasetError(
+                f"{path}: expected uint8 images of shape (N, 28, 28), found {array.dtype} {array.shape}"
+            )
+        return array
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise CorruptDatasetError(f"{path}: expected uint8 labels of shape (N,), found {array.dtype} {array.shape}")
+    if array.size and array.max() >= _NUM_CLASSES:
+        raise CorruptDatasetError(f"{path}: label {array.max()} is outside 0..{_NUM_CLASSES - 1}")
+    return array
+
+
+def _check_split_content(name: str, split: str, images: np.ndarray, labels: np.ndarray, labels_path: Path) -> None:
+    if len(labels) != _SPLIT_SIZE[split]:
+        raise CorruptDatasetError(
+            f"{labels_path}: the {_TITLES[name]} {split} split has {_SPLIT_SIZE[split]} images, this file"
+            f" {len(labels)}; put the complete {split} files there"
+        )
+    shares = np.bincount(labels, minlength=_NUM_CLASSES) / len(labels)
+    exact = name == "fashion-mnist"  # 6,000 training and 1,000 test images of each class
+    if (exact and not np.all(shares == 1 / _NUM_CLASSES)) or not np.all((shares > 0.08) & (shares < 0.12)):
+        found = ", ".join(f"{100 * s:.1f}%" for s in shares)
+        expected = "exactly 10% each" if exact else "8-12% each"
+        raise CorruptDatasetError(
+            f"{labels_path}: class shares {found} are not {_TITLES[name]}'s ({expected}); is it another dataset's file?"
+        )
 
 
 @functools.lru_cache(maxsize=8)
-def _read_split(images_path: Path, labels_path: Path, _stamp: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _read_split(
+    name: str, split: str, images_path: Path, labels_path: Path, _stamp: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
     # _stamp (mtimes and sizes) is part of the cache key so that a replaced file is re-read.
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != _IMAGE_SIZE:
-        raise CorruptDatasetError(
-            f"{images_path}: expected uint8 images of shape (N, 28, 28), found {images.dtype} {images.shape}"
-        )
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise CorruptDatasetError(
-            f"{labels_path}: expected uint8 labels of shape (N,), found {labels.dtype} {labels.shape}"
-        )
+    images = _verified(name, split, images_path, "images")
+    labels = _verified(name, split, labels_path, "labels")
     if len(images) != len(labels):
         raise CorruptDatasetError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
         )
-    if labels.size and labels.max() >= _NUM_CLASSES:
-        raise CorruptDatasetError(f"{labels_path}: label {labels.max()} is outside 0..{_NUM_CLASSES - 1}")
+    _check_split_content(name, split, images, labels, labels_path)
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
 
 
@@ -342,7 +423,7 @@ def _load_shared(
             raise _not_found(name, split, roots, "the downloaded files disappeared")
     images_path, labels_path = (p.resolve() for p in found)
     stamp = tuple(v for p in (images_path, labels_path) for v in (p.stat().st_mtime_ns, p.stat().st_size))
-    return _read_split(images_path, labels_path, stamp)
+    return _read_split(name, split, images_path, labels_path, stamp)
 
 
 def load_raw(
@@ -368,7 +449,9 @@ def load_raw(
         ValueError: unknown ``name`` or ``split``.
         DatasetNotFoundError: the files are missing (and could not be downloaded); the message
             lists the folders searched.
-        CorruptDatasetError: a file is truncated or not a valid IDX file.
+        CorruptDatasetError: a file is truncated or not a valid IDX file, or its contents are not
+            this dataset's split (size, image shape, label range and class balance are checked,
+            and a known copy of another dataset's or split's file is refused by name).
 
     Examples:
         >>> images, labels = load_raw("fashion-mnist", "test")  # doctest: +SKIP
