@@ -260,3 +260,171 @@ def test_python_dash_m(tmp_path):
         [sys.executable, "-m", "kanvolution", "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert proc.returncode == 0 and proc.stdout.startswith("kanvolution ")
+
+
+# --------------------------------------------------------------------------------------------
+# Expected failures: one line on stderr, exit status 2, no traceback
+
+
+def _train_argv(out, shared_data_dir, *extra):
+    return ["train", "--model", "cnn_small", "--epochs", "1", "--out", str(out), *_small(shared_data_dir), *extra]
+
+
+def test_out_that_is_a_file(tmp_path, shared_data_dir, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(_train_argv(tmp_path / "file", shared_data_dir)) == 2
+    assert "is a file" in _one_line_error(capsys)
+    assert main(_train_argv(tmp_path / "file" / "run", shared_data_dir)) == 2
+    assert "is a file" in _one_line_error(capsys)
+
+
+def test_out_that_cannot_be_written(tmp_path, shared_data_dir, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        out = "/sys/kanvolution-run"  # root may write everywhere but in the kernel's read-only folders
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        out = tmp_path / "ro" / "run"
+    assert main(_train_argv(out, shared_data_dir)) == 2
+    err = _one_line_error(capsys)
+    assert "cannot create" in err and str(out) in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device(tmp_path, shared_data_dir, capsys):
+    assert main(_train_argv(tmp_path / "r", shared_data_dir, "--device", "cuda")) == 2
+    assert "'cuda' is not available" in _one_line_error(capsys)
+    assert main(_train_argv(tmp_path / "r", shared_data_dir, "--device", "banana")) == 2
+    assert "unknown device 'banana'" in _one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_wrong_data_file_is_one_line(tmp_path, shared_data_dir, capsys):
+    import shutil
+
+    folder = tmp_path / "data" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(shared_data_dir / "fashion-mnist" / name, folder)
+    shutil.copy(shared_data_dir / "mnist" / "train-labels-idx1-ubyte.gz", folder)
+    argv = _train_argv(tmp_path / "r", shared_data_dir)
+    argv[argv.index("--data-dir") + 1] = str(tmp_path / "data")
+    assert main(argv) == 2
+    assert "holds MNIST's train-labels-idx1-ubyte, not Fashion-MNIST's" in _one_line_error(capsys)
+
+
+def test_a_held_folder_is_refused_at_once(tmp_path, shared_data_dir, capsys):
+    from kanvolution.experiments.files import RunLock
+
+    with RunLock(tmp_path / "r"):
+        assert main(_train_argv(tmp_path / "r", shared_data_dir)) == 2
+        assert "in use by another run" in _one_line_error(capsys)
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_unexpected_errors_keep_their_traceback(tmp_path, shared_data_dir, monkeypatch):
+    from kanvolution.experiments import training
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(training, "train", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(_train_argv(tmp_path / "r", shared_data_dir))
+
+
+@pytest.fixture
+def damaged_run(run_dir, tmp_path):
+    """A copy of the two-epoch run whose checkpoint.pt was cut short."""
+    import shutil
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(run_dir, copy)
+    path = copy / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    return copy
+
+
+def test_damaged_checkpoint_names_the_file_and_the_way_out(damaged_run, shared_data_dir, capsys):
+    for argv in (["evaluate", str(damaged_run)], ["inspect", str(damaged_run), "--no-plots"]):
+        assert main(argv) == 2
+        err = _one_line_error(capsys)
+        assert f"{damaged_run / 'checkpoint.pt'} cannot be read" in err
+        assert "checkpoint.prev.pt" in err and "epoch 1" in err and "--resume" in err
+
+
+def test_resume_continues_from_the_previous_checkpoint(damaged_run, shared_data_dir, capsys):
+    argv = ["train", "--model", "cnn_small", "--epochs", "2", "--out", str(damaged_run), "--val-fraction", "0.2",
+            *_small(shared_data_dir), "--resume"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "continuing from" in out and "epoch 2/2" in out and "epoch 1/2" not in out
+    results = json.loads((damaged_run / "results.json").read_text())
+    assert results["status"] == "finished" and results["epochs_completed"] == 2
+
+
+def test_empty_checkpoint_without_a_previous_one_needs_restart(tmp_path, shared_data_dir, capsys):
+    out = tmp_path / "r"
+    assert main(_train_argv(out, shared_data_dir)) == 0
+    capsys.readouterr()
+    (out / "checkpoint.pt").write_bytes(b"")
+    assert main(_train_argv(out, shared_data_dir, "--resume")) == 2
+    err = _one_line_error(capsys)
+    assert "checkpoint.pt cannot be read: it is empty" in err and "--restart" in err
+    assert main(_train_argv(out, shared_data_dir, "--restart")) == 0
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+
+
+def _kanvolution(*args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "kanvolution", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        **kwargs,
+    )
+
+
+def _wait_for(condition, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_two_runs_into_one_folder(tmp_path, shared_data_dir):
+    from kanvolution.experiments.files import is_locked
+
+    out = tmp_path / "r"
+    argv = ["train", "--model", "cnn_small", "--epochs", "2", "--out", str(out), *_small(shared_data_dir)]
+    first = _kanvolution(*argv)
+    try:
+        _wait_for(lambda: is_locked(out))
+        second = _kanvolution(*argv)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2
+        assert err.strip().count("\n") == 0 and "in use by another run" in err and "Traceback" not in err
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"
+
+
+def test_killed_run_shows_in_table_and_resumes(tmp_path, shared_data_dir, capsys):
+    import signal
+
+    out = tmp_path / "runs" / "r"
+    argv = ["train", "--model", "cnn_small", "--epochs", "30", "--out", str(out), *_small(shared_data_dir)]
+    proc = _kanvolution(*argv)
+    try:
+        _wait_for(lambda: (out / "checkpoint.pt").exists())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert json.loads((out / "results.json").read_text())["status"] == "running"  # the process had no say
+    assert main(["table", str(tmp_path / "runs")]) == 0
+    assert "| CNN (Small) [killed] |" in capsys.readouterr().out
+    argv[argv.index("30")] = "2"
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["status"] == "finished"

@@ -73,10 +73,12 @@ def prepare_folder(folder: str | os.PathLike[str]) -> Path:
         raise RunFolderError(f"{path} is a file, not a folder; choose another output folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise RunFolderError(f"{path}: a part of this path is a file, not a folder") from None
     except PermissionError:
         raise RunFolderError(f"cannot create {path}: permission denied; choose a writable output folder") from None
+    except OSError as err:
+        raise RunFolderError(f"cannot create {path}: {err.strerror}; choose another output folder") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise RunFolderError(f"cannot write in {path}: permission denied; choose a writable output folder")
     return path
