@@ -29,7 +29,7 @@ _EXTERNAL_HELP = {
     "bench": "time the KAN layers and models (ratios against the paper's implementation and plain convolutions)",
     "inspect": "look inside a trained model: its learned functions and feature maps",
 }
-_EXTRAS = {"torchmetrics": "train", "tqdm": "train", "matplotlib": "train", "optuna": "tune"}
+_EXTRAS = {"torchmetrics": "train", "tqdm": "train", "matplotlib": "train", "optuna": "tune", "psycopg": "postgres"}
 
 
 class CliError(KanvolutionError):
@@ -415,6 +415,14 @@ def _add_reproduce_parser(sub: Any) -> None:
         help="Optuna storage URL shared by several workers, e.g. postgresql://user@host/db (default: sqlite:///OUT/study.db)",
     )
     p.add_argument(
+        "--heartbeat",
+        type=_positive_int,
+        default=20,
+        metavar="S",
+        help="seconds between a running trial's signs of life in the study; a trial silent for 3 beats (its"
+        " worker died) is queued again and resumes from its checkpoint (default: 20)",
+    )
+    p.add_argument(
         "--search-only",
         action="store_true",
         help="run search trials only, no final runs (for extra workers on a shared --storage)",
@@ -444,6 +452,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         trials=args.trials,
         storage=args.storage,
         search_only=args.search_only,
+        heartbeat=args.heartbeat,
         data_dir=args.data_dir,
         download=args.download,
         max_train_samples=args.max_train_samples,

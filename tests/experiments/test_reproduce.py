@@ -161,3 +161,114 @@ def test_custom_storage_and_grid_sizes(tmp_path, shared_data_dir):
     assert len(studies) == 1 and "kanc_mlp_small_gs5" in studies[0].study_name
     final = json.loads((Path(summary["runs"]["kanc_mlp_small_gs5"]["final_run"]) / "results.json").read_text())
     assert final["grid_size"] == 5 and final["name"] == "KANC MLP (Small) (gs = 5)"
+
+
+# --------------------------------------------------------------------------------------------
+# Several workers on one study in a real PostgreSQL server
+
+
+def _postgres_binary(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    # Debian's postgresql package keeps the server programs off PATH.
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
+    return candidates[-1] if candidates else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throw-away PostgreSQL server in a temporary folder (run as ``nobody`` when the tests run as root)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl); apt-get install postgresql")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install 'kanvolution[postgres]'")
+    prefix: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="kanvolution-postgres-"))
+    root.chmod(0o755)
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser to start the server as an unprivileged user")
+        shutil.chown(root, "nobody")
+        prefix = ["runuser", "-u", "nobody", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+
+    def run(*command: str) -> None:
+        subprocess.run([*prefix, *command], cwd=root, check=True, capture_output=True, timeout=120)
+
+    run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "--no-sync")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_search_on_postgres_splits_trials_and_finishes_a_killed_one(postgres_url, shared_data_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from kanvolution.experiments.files import LOCK_FILE, is_locked
+
+    out = tmp_path / "paper"
+    argv = [sys.executable, "-m", "kanvolution", "reproduce", "--storage", postgres_url, "--out", str(out),
+            "--models", "cnn_small", "--trials", "4", "--epochs", "3", "--heartbeat", "1",
+            "--data-dir", str(shared_data_dir), "--no-download", "--max-train-samples", "1024",
+            "--max-test-samples", "256", "--threads", "1", "--no-progress"]
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def trial_of(pid: int) -> Path | None:
+        # The folder of a trial this worker is in the middle of: it holds the lock, one epoch is saved.
+        for lock in out.rglob(LOCK_FILE):
+            folder = lock.parent
+            if lock.read_text().strip() == str(pid) and (folder / "checkpoint.pt").exists() and is_locked(folder):
+                return folder
+        return None
+
+    first, second = start("--search-only"), start("--search-only")
+    try:
+        deadline = time.monotonic() + 120
+        while (killed_dir := trial_of(first.pid)) is None:
+            assert first.poll() is None, first.communicate()[0]
+            assert time.monotonic() < deadline, "the first worker never got into a trial"
+            time.sleep(0.02)
+        first.kill()
+        first.wait(timeout=60)
+        assert second.wait(timeout=240) == 0, second.communicate()[0]
+        later = start()  # waits until the killed trial is stale, finishes it, then trains the final run
+        log = later.communicate(timeout=240)[0]
+        assert later.returncode == 0, log
+    finally:
+        for proc in (first, second):
+            proc.kill()
+
+    (name,) = optuna.get_all_study_names(storage=postgres_url)
+    trials = optuna.load_study(study_name=name, storage=postgres_url).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["combination"] for t in complete) == [0, 1, 2, 3]  # each once, none twice
+    pid = {t.user_attrs["combination"]: int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in complete}
+    assert second.pid in pid.values()  # the workers shared the search
+    killed = [t for t in trials if t.user_attrs.get("run_dir") == str(killed_dir) and t.state != t.state.COMPLETE]
+    assert [t.state for t in killed] == [optuna.trial.TrialState.FAIL]  # marked failed once its heartbeat stopped
+    combination = killed[0].user_attrs["combination"]
+    assert pid[combination] != first.pid  # ... and finished by a later worker, from its checkpoint
+    results = json.loads((killed_dir / "results.json").read_text())
+    assert results["status"] == "finished" and [e["epoch"] for e in results["history"]] == [1, 2, 3]
+    assert (out / "table.md").is_file()

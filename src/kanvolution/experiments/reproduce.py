@@ -6,6 +6,8 @@ search resumes where it stopped and several machines can share one study.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .config import TrainConfig, model_takes_grid_size
-from .files import atomic_write, write_json
+from .files import RunFolderError, atomic_write, write_json
 from .schema import load_results
 from .tables import PAPER_SELECTIONS, markdown_table, rows_from_results, seed_table
 from .training import NonFiniteLossError, train
@@ -56,11 +58,11 @@ PAPER_MODELS = (
     "kkan_medium",
     "kkan_small",
 )
-# A trial whose process died keeps the state RUNNING; once its heartbeat is this old it is
-# marked failed and its combination is queued again (its run folder resumes from the checkpoint).
+# A trial whose process died keeps the state RUNNING; once its heartbeat is GRACE_BEATS beats
+# old it is marked failed and its combination is queued again (its run folder resumes from the
+# checkpoint).
 HEARTBEAT_SECONDS = 20
-GRACE_SECONDS = 60
-_POLL_SECONDS = 10
+GRACE_BEATS = 3
 
 
 def paper_combinations(n: int = PAPER_COMBINATIONS, seed: int = PAPER_SEED) -> list[dict[str, float | int]]:
@@ -110,6 +112,7 @@ class ReproduceConfig:
     progress: bool | None = None
     seed: int = 0  # torch seed of every training run (the paper's)
     seeds: Sequence[int] = (0, 1, 2)  # torch seeds of the "paper-configs" protocol
+    heartbeat: int = HEARTBEAT_SECONDS  # a running trial proves its worker alive this often (seconds)
     extra: dict[str, Any] = field(default_factory=dict)  # further TrainConfig options
 
     def train_config(self, model: str, grid_size: int | None, **options: Any) -> TrainConfig:
@@ -148,11 +151,19 @@ def _study_name(cfg: ReproduceConfig, model: str, grid_size: int | None) -> str:
     return name
 
 
-def _storage(url: str) -> Any:
+def _storage(url: str, heartbeat: int, attempts: int = 5) -> Any:
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    kwargs: dict[str, Any] = {"heartbeat_interval": HEARTBEAT_SECONDS, "grace_period": GRACE_SECONDS}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=GRACE_BEATS * heartbeat)
+        except (IntegrityError, ProgrammingError):
+            # Workers that start together on an empty database race to create its tables; the
+            # ones that lose find them made on the next attempt.
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
 
 
 def _fail_stale(study: Any) -> None:
@@ -192,7 +203,7 @@ def _run_search(
     combos = paper_combinations(cfg.trials)
     study = optuna.create_study(
         study_name=_study_name(cfg, model, grid_size),
-        storage=_storage(storage_url),
+        storage=_storage(storage_url, cfg.heartbeat),
         direction="maximize",
         load_if_exists=True,
     )
@@ -212,14 +223,22 @@ def _run_search(
             # Another worker took the queued trial we meant to run; Optuna then samples a new
             # one, which is not one of the paper's combinations.
             raise optuna.TrialPruned("not one of the paper's combinations")
+        # Workers that start together may queue the same combination twice; the first to run it wins.
+        others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE))
+        if any(t.number != trial.number and t.user_attrs.get("combination") == index for t in others):
+            raise optuna.TrialPruned("another worker runs this combination")
         combo = {key: trial.suggest_categorical(key, values) for key, values in PAPER_GRID.items()}
         run_dir = search_dir / _combo_tag(combo)
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         config = cfg.train_config(
             model, grid_size, epochs=cfg.epochs, val_fraction=PAPER_VAL_FRACTION, eval_test=False, **combo
         )
         log(f"{tag}: trial {index + 1}/{len(combos)} ({_combo_tag(combo)}) -> {run_dir}")
         try:
             results = train(config, run_dir, resume=True, log=lambda line: log(f"  {line}"))
+        except RunFolderError as err:  # the same combination, started by another worker a moment ago
+            raise optuna.TrialPruned(str(err)) from None
         except NonFiniteLossError as err:
             # The paper's loop would keep going with NaN weights and chance accuracy; the
             # epochs before the blow-up still count, as its argmax over epochs would see them.
@@ -232,7 +251,6 @@ def _run_search(
         best = int(np.argmax(val))
         trial.set_user_attr("best_epoch", best + 1)
         trial.set_user_attr("val_accuracy", val)
-        trial.set_user_attr("run_dir", str(run_dir))
         log(f"{tag}: trial {index + 1}: best validation accuracy {100 * val[best]:.2f}% at epoch {best + 1}")
         return float(val[best])
 
@@ -261,10 +279,10 @@ def _run_search(
         if not announced_wait:
             log(
                 f"{tag}: waiting for {len(pending)} trials running elsewhere (an interrupted one is"
-                f" queued again once its heartbeat is {GRACE_SECONDS} s old)"
+                f" queued again once its heartbeat is {GRACE_BEATS * cfg.heartbeat} s old)"
             )
             announced_wait = True
-        time.sleep(_POLL_SECONDS)
+        time.sleep(cfg.heartbeat / 2)
 
     best: dict[str, Any] | None = None
     finished = [
