@@ -298,3 +298,32 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path, shared_data_dir):
         # Same batches, gradients averaged over the two shards: equal up to float rounding.
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16-mixed precision
+
+
+def test_bf16_mixed_tracks_float32_and_keeps_float32_states(tiny, tmp_path):
+    runs = {}
+    for precision in ("32", "bf16-mixed"):
+        config = tiny(model="cnn_medium", epochs=2, batch_size=64, precision=precision)
+        runs[precision] = train(config, tmp_path / precision, log=None)
+    full, mixed = runs["32"]["history"], runs["bf16-mixed"]["history"]
+    assert runs["bf16-mixed"]["config"]["precision"] == "bf16-mixed"
+    for a, b in zip(full, mixed):
+        assert b["train_loss"] != a["train_loss"]  # autocast did change the arithmetic ...
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.03)  # ... but not the training
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.05)
+    state = load_checkpoint(tmp_path / "bf16-mixed")
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    moments = [s for per_param in state["optimizer"]["state"].values() for k, s in per_param.items() if k != "step"]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
+def test_precision_must_be_known_and_kept_on_resume(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="precision must be one of 32, bf16-mixed"):
+        tiny(precision="16").validate()
+    train(tiny(epochs=1), tmp_path, log=None)
+    with pytest.raises(ConfigError, match="precision"):
+        train(tiny(epochs=2, precision="bf16-mixed"), tmp_path, resume=True, log=None)
