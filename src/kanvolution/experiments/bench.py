@@ -31,7 +31,7 @@ STEP_MODELS = [  # (label, registry name, grid size, implementation)
     ("CNN (Medium)", "cnn_medium", None, None),
     ("KANC MLP (Medium) gs=10, reference loop", "kanc_mlp_medium", 10, "reference"),
 ]
-TARGETS = {  # issue targets, checked and printed beside the measured ratios
+TARGETS = {  # the speed and memory goals, checked and printed beside the measured ratios
     "kanc10_vs_cnn": 3.0,
     "kanc20_vs_cnn": 4.0,
     "reference_vs_kanc10": 250.0,

@@ -1,0 +1,30 @@
+"""Tests of kanvolution.experiments.bench: interleaved timing and the checks against the targets.
+
+The benchmarks themselves take minutes; `make bench` runs them (results in benchmarks/).
+"""
+from __future__ import annotations
+
+import torch
+
+from kanvolution.experiments import bench
+
+
+def test_time_interleaved_alternates_and_caps_the_slow_ones():
+    calls = []
+    fns = {name: (lambda n: lambda: calls.append(n))(name) for name in ("fast", "slow")}
+    times = bench.time_interleaved(fns, repeats=3, device=torch.device("cpu"), slow={"slow": 1})
+    assert calls == ["fast", "slow", "fast", "slow", "fast", "fast"]  # warm-up, then rounds
+    assert len(times["fast"]) == 3 and len(times["slow"]) == 1
+    assert all(t >= 0 for t in times["fast"])
+
+
+def test_checks_compare_each_ratio_with_its_target():
+    report = {
+        "train_step": {"ratios": {"kanc10_vs_cnn": bench.TARGETS["kanc10_vs_cnn"] - 0.5,
+                                  "kanc20_vs_cnn": bench.TARGETS["kanc20_vs_cnn"] + 0.5}},
+        "memory": {"ratios": {"fused_vs_naive": 0.1}},
+    }
+    checks = bench._checks(report)
+    assert checks["kanc10_vs_cnn"][2] is True and checks["kanc20_vs_cnn"][2] is False
+    assert checks["memory_vs_naive"] == (0.1, bench.TARGETS["memory_vs_naive"], 0.1 <= bench.TARGETS["memory_vs_naive"])
+    assert "epoch_seconds" not in checks and "reference_vs_kanc10" not in checks
