@@ -1,10 +1,6 @@
 """Tests of kanvolution.viz.analysis: nonlinearity scores, input histograms, the phi atlas, effective kernels."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -20,9 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
