@@ -5,10 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +13,6 @@ from torch import nn
 from kanvolution.experiments import training as train_mod
 from kanvolution.experiments.checkpoint import load_checkpoint
 from kanvolution.experiments.config import ConfigError, TrainConfig
-from kanvolution.experiments.distributed import shard_batch
 from kanvolution.experiments.schema import load_results
 from kanvolution.experiments.training import (
     NonFiniteLossError,
@@ -28,27 +23,6 @@ from kanvolution.experiments.training import (
 )
 
 TIMING_KEYS = {"seconds", "train_seconds", "test_seconds", "val_seconds"}
-
-
-@pytest.fixture
-def tiny(shared_data_dir):
-    """A TrainConfig factory for a small CNN on 512 training / 256 test images."""
-
-    def make(**overrides):
-        options = dict(
-            model="cnn_small",
-            dataset="fashion-mnist",
-            data_dir=str(shared_data_dir),
-            download=False,
-            epochs=2,
-            max_train_samples=512,
-            max_test_samples=256,
-            progress=False,
-        )
-        options.update(overrides)
-        return TrainConfig(**options)
-
-    return make
 
 
 def _untimed(history):
@@ -215,17 +189,6 @@ def test_evaluate_reproduces_the_last_epoch(tiny, tmp_path):
         assert metrics[key] == pytest.approx(last[f"test_{key}"], abs=1e-6), key
 
 
-def test_config_validation(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="no KAN layers"):
-        train(tiny(grid_size=10), tmp_path, log=None)
-    with pytest.raises(ConfigError, match="val_fraction"):
-        tiny(val_fraction=1.0).validate()
-    with pytest.raises(ConfigError, match="batch_size"):
-        tiny(batch_size=0).validate()
-    with pytest.raises(ConfigError, match="validation split"):
-        tiny(eval_test=False).validate()
-
-
 def test_kan_model_default_grid_size(tiny, tmp_path):
     results = train(
         tiny(model="kanc_mlp_small", epochs=1, max_train_samples=128, max_test_samples=64), tmp_path, log=None
@@ -247,59 +210,6 @@ def test_classification_metrics_macro_averages():
     assert m["f1"] == pytest.approx(sum(f1) / 3)
 
 
-def test_shard_batch_partitions_the_batch():
-    x = torch.arange(11).view(11, 1).float()
-    y = torch.arange(11)
-    shards = [shard_batch(x, y, rank, 3) for rank in range(3)]
-    seen = torch.cat([s[1] for s in shards])
-    assert sorted(seen.tolist()) == list(range(11))
-    assert all(torch.equal(sx.view(-1).long(), sy) for sx, sy in shards)
-    assert shard_batch(x, y, 0, 1)[1] is y
-
-
-@pytest.mark.skipif(
-    not torch.distributed.is_available() or shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
-    reason="needs torch.distributed and torchrun",
-)
-def test_torchrun_two_processes_match_one(tiny, tmp_path, shared_data_dir):
-    single = train(tiny(), tmp_path / "single", log=None)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "kanvolution",
-        "train",
-        "--model",
-        "cnn_small",
-        "--dataset",
-        "fashion-mnist",
-        "--data-dir",
-        str(shared_data_dir),
-        "--no-download",
-        "--epochs",
-        "2",
-        "--max-train-samples",
-        "512",
-        "--max-test-samples",
-        "256",
-        "--threads",
-        "1",
-        "--out",
-        str(tmp_path / "ddp"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ddp = load_results(tmp_path / "ddp")
-    assert ddp["environment"]["world_size"] == 2
-    for a, b in zip(single["history"], ddp["history"], strict=True):
-        # Same batches, gradients averaged over the two shards: equal up to float rounding.
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
-
-
 # --------------------------------------------------------------------------------------------
 # bf16-mixed precision
 
@@ -319,11 +229,3 @@ def test_bf16_mixed_tracks_float32_and_keeps_float32_states(tiny, tmp_path):
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     moments = [s for per_param in state["optimizer"]["state"].values() for k, s in per_param.items() if k != "step"]
     assert moments and all(m.dtype == torch.float32 for m in moments)
-
-
-def test_precision_must_be_known_and_kept_on_resume(tiny, tmp_path):
-    with pytest.raises(ConfigError, match="precision must be one of 32, bf16-mixed"):
-        tiny(precision="16").validate()
-    train(tiny(epochs=1), tmp_path, log=None)
-    with pytest.raises(ConfigError, match="precision"):
-        train(tiny(epochs=2, precision="bf16-mixed"), tmp_path, resume=True, log=None)
