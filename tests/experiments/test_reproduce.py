@@ -251,10 +251,10 @@ def test_search_on_postgres_splits_trials_and_finishes_a_killed_one(postgres_url
             time.sleep(0.02)
         first.kill()
         first.wait(timeout=60)
-        assert second.wait(timeout=240) == 0, second.communicate()[0]
         later = start()  # waits until the killed trial is stale, finishes it, then trains the final run
         log = later.communicate(timeout=240)[0]
         assert later.returncode == 0, log
+        assert second.wait(timeout=240) == 0, second.communicate()[0]
     finally:
         for proc in (first, second):
             proc.kill()
