@@ -417,7 +417,9 @@ def test_killed_run_shows_in_table_and_resumes(tmp_path, shared_data_dir, capsys
     argv = ["train", "--model", "cnn_small", "--epochs", "30", "--out", str(out), *_small(shared_data_dir)]
     proc = _kanvolution(*argv)
     try:
-        _wait_for(lambda: (out / "checkpoint.pt").exists())
+        # results.json is written atomically after the epoch's checkpoint: wait for an epoch in it.
+        _wait_for(lambda: (out / "results.json").exists()
+                  and json.loads((out / "results.json").read_text())["epochs_completed"] >= 1)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
