@@ -214,10 +214,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="re-evaluate a run's checkpoint on the test set",
-        description="Re-evaluate RUN_DIR/checkpoint.pt on the test set and print the metrics.",
+        help="re-evaluate a run's checkpoint, or the shipped pretrained weights, on the test set",
+        description=(
+            "Re-evaluate RUN_DIR/checkpoint.pt, or with --pretrained NAME [--grid-size G] the weights shipped"
+            " with the package, on the test set and print the metrics."
+        ),
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run folder (or use --pretrained)")
+    p.add_argument("--pretrained", metavar="NAME", help="evaluate the weights shipped for this zoo model instead")
+    p.add_argument("--grid-size", type=_positive_int, metavar="G", help="with --pretrained: the grid size (default: 10)")
     p.add_argument("--data-dir", help="where the data lives, if not where the run found it")
     p.add_argument("--device", help="overrides the run's device")
     p.add_argument("--max-test-samples", type=_positive_int, metavar="N", help="overrides the run's test subsample")
@@ -229,21 +234,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from kanvolution.experiments.checkpoint import load_checkpoint
     from kanvolution.experiments.training import evaluate
 
-    metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device, max_test_samples=args.max_test_samples)
+    if (args.run_dir is None) == (args.pretrained is None):
+        raise CliError("give a RUN_DIR or --pretrained NAME (one of them)")
+    if args.pretrained is not None:
+        metrics, source = _evaluate_pretrained(args)
+    else:
+        if args.grid_size is not None:
+            raise CliError("--grid-size goes with --pretrained; a run folder knows its grid size")
+        metrics = evaluate(args.run_dir, data_dir=args.data_dir, device=args.device, max_test_samples=args.max_test_samples)
+        config = load_checkpoint(args.run_dir)["config"]
+        source = f"{args.run_dir}: {config['model']} on {config['dataset']}"
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    config = load_checkpoint(args.run_dir)["config"]
-    print(
-        f"{args.run_dir}: {config['model']} on {config['dataset']}, weights of epoch {metrics['epoch']},"
-        f" {metrics['test_samples']} test images"
-    )
+    print(f"{source}, weights of epoch {metrics['epoch']}, {metrics['test_samples']} test images")
     print(
         f"loss {metrics['loss']:.4f}  accuracy {100 * metrics['accuracy']:.2f}%"
         f"  precision {100 * metrics['precision']:.2f}%"
         f"  recall {100 * metrics['recall']:.2f}%  F1 {100 * metrics['f1']:.2f}%"
     )
     return 0
+
+
+def _evaluate_pretrained(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from kanvolution.experiments.config import TrainConfig
+    from kanvolution.experiments.models import DEFAULT_GRID_SIZE, create_model, model_info
+    from kanvolution.experiments.training import evaluate_model
+
+    _check_model(args.pretrained)
+    kwargs = {}
+    if model_info(args.pretrained).has_kan:
+        kwargs["grid_size"] = args.grid_size or DEFAULT_GRID_SIZE
+    elif args.grid_size is not None:
+        raise CliError(f"{args.pretrained!r} has no KAN layers, so it takes no --grid-size")
+    model = create_model(args.pretrained, pretrained=True, **kwargs)
+    card = model.pretrained_cfg
+    config = TrainConfig(model=args.pretrained, dataset=card["dataset"], data_dir=args.data_dir,
+                         device=args.device or "auto", max_test_samples=args.max_test_samples)
+    metrics = {"epoch": card["epochs"], **evaluate_model(model, config)}
+    recorded = f"recorded test accuracy {100 * card['test_accuracy']:.2f}%"
+    return metrics, f"pretrained {card['tag']} ({recorded}) on {card['dataset']}"
 
 
 def _add_demo_parser(sub: Any) -> None:

@@ -113,8 +113,17 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [name for name in _REGISTRY if pattern is None or fnmatch.fnmatchcase(name, pattern)]
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, *, pretrained: bool = False, checkpoint_path: str | None = None, **kwargs: Any) -> nn.Module:
     """Build a registered model; ``kwargs`` go to its builder (e.g. ``grid_size`` for KAN models).
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: load the weights shipped with the package for this model and grid size
+            (``kanvolution.experiments.weights.list_pretrained()`` lists them); the model then
+            carries ``model.pretrained_cfg`` (recipe, epochs, ``test_accuracy`` as a fraction,
+            SHA-256, ...).
+        checkpoint_path: load the weights of a run folder, a ``checkpoint.pt`` or a
+            ``.safetensors`` file instead (``model.pretrained_cfg["source"]`` names it).
 
     Examples:
         >>> import torch
@@ -127,7 +136,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     info = model_info(name)
     if "grid_size" in kwargs and not info.has_kan:
         raise ValueError(f"{name!r} has no KAN layers, so it takes no grid_size")
-    return info.builder(**kwargs)
+    model = info.builder(**kwargs)
+    if pretrained and checkpoint_path is not None:
+        raise ValueError("pass pretrained=True or checkpoint_path=..., not both")
+    if pretrained or checkpoint_path is not None:
+        from . import weights  # the loader reads checkpoints; the registry itself needs none of it
+
+        if checkpoint_path is not None:
+            weights.load_weights(model, checkpoint_path)
+            model.pretrained_cfg = {"source": str(checkpoint_path)}
+        else:
+            grid_size = kwargs.get("grid_size", DEFAULT_GRID_SIZE) if info.has_kan else None
+            model.pretrained_cfg = weights.load_pretrained(model, name, grid_size)
+        model.eval()
+    return model
 
 
 def paper_name(name: str, grid_size: int = DEFAULT_GRID_SIZE) -> str:

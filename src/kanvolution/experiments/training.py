@@ -44,6 +44,7 @@ __all__ = [
     "classification_metrics",
     "count_parameters",
     "evaluate",
+    "evaluate_model",
     "resolve_device",
     "train",
 ]
@@ -501,7 +502,9 @@ def evaluate(
         ``{"epoch", "loss", "accuracy", "precision", "recall", "f1", "test_samples"}``, metrics as
         fractions. For the epoch the checkpoint holds they equal that epoch's history entry.
     """
-    checkpoint = load_checkpoint(run_dir)
+    from .weights import load_run_model
+
+    model, checkpoint = load_run_model(run_dir)
     config = TrainConfig.from_dict(checkpoint["config"])
     config.eval_test = True
     if data_dir is not None:
@@ -510,10 +513,18 @@ def evaluate(
         config.device = device
     if max_test_samples is not None:
         config.max_test_samples = max_test_samples
+    return {"epoch": checkpoint["epoch"], **evaluate_model(model, config)}
+
+
+def evaluate_model(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """Test metrics of ``model`` on the test set that ``config`` names (its dataset, data folder,
+    device, precision, evaluation batch size and ``max_test_samples``).
+
+    Returns:
+        ``{"loss", "accuracy", "precision", "recall", "f1", "test_samples"}``, metrics as fractions.
+    """
     dev = resolve_device(config.device)
-    model = build_model(config)
-    model.load_state_dict(checkpoint["model"])
-    model.to(dev)
+    config = TrainConfig.from_dict({**config.to_dict(), "eval_test": True})
     images, labels = _prepare_data(config, need_train=False)["test"]
-    metrics = _evaluate_split(model, images, labels, config.eval_batch_size, dev, config.precision)
-    return {"epoch": checkpoint["epoch"], **metrics, "test_samples": len(labels)}
+    metrics = _evaluate_split(model.to(dev), images, labels, config.eval_batch_size, dev, config.precision)
+    return {**metrics, "test_samples": len(labels)}

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..experiments.checkpoint import load_checkpoint
-from ..experiments.config import TrainConfig, build_model
+
+from ..experiments.weights import load_run_model
 from ..experiments.data import load_dataset
 from ..experiments.files import atomic_write, write_json
 from ..experiments.schema import CURVES_FILE, ResultsError, load_results
@@ -249,6 +249,9 @@ def load_run(run_dir: str | os.PathLike[str],
              map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a run's model from ``RUN_DIR/checkpoint.pt`` (``weights_only=True``).
 
+    The same loader as ``kanvolution evaluate`` and the pretrained zoo:
+    :func:`kanvolution.experiments.weights.load_run_model`.
+
     Returns:
         ``(model, checkpoint)``: the model in eval mode with the trained weights, and the
         checkpoint's contents (``config`` holds the run's resolved options).
@@ -256,16 +259,9 @@ def load_run(run_dir: str | os.PathLike[str],
     Raises:
         MissingCheckpointError, CorruptCheckpointError: no readable checkpoint (the message says
             what to do).
-        InspectionError: the checkpoint names no model of the zoo.
+        WeightsError: the checkpoint names no model of the zoo, or its weights do not fit.
     """
-    checkpoint = load_checkpoint(run_dir, map_location)
-    try:
-        model = build_model(TrainConfig.from_dict(checkpoint["config"]))
-    except ValueError as err:
-        raise InspectionError(f"{run_dir}: {err}") from None
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    return model, checkpoint
+    return load_run_model(run_dir, map_location)
 
 
 def inspect_run(
