@@ -190,7 +190,7 @@ def _forward_fake(x, state, weight, basis, option, activation, stride, dilation,
     size = [x.shape[0], weight.shape[0]]
     for i in range(ndim):
         size.append((x.shape[2 + i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
-    return x.new_empty(size, dtype=weight.dtype, memory_format=_memory_format(ndim, channels_last))
+    return torch.empty(size, dtype=weight.dtype, device=x.device, memory_format=_memory_format(ndim, channels_last))
 
 
 @kan_backward.register_fake
