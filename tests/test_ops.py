@@ -238,6 +238,21 @@ def test_autocast_bf16_trains_every_kan_zoo_model(name):
     assert all(p.grad is not None and p.grad.dtype == p.dtype and p.grad.isfinite().all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_on_every_device(device, dtype):
+    if device.type == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast is tested in bfloat16")
+    model = create_model("kanc_mlp_small").to(device)
+    x = torch.randn(4, 1, 28, 28, device=device)
+    want = model(x)
+    with torch.autocast(device.type, dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert torch.allclose(out.float(), want, atol=0.1)
+    assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_autocast_layer_policy():
     layer = KANConv2d(3, 4, 3, bias=True)
     x = torch.randn(2, 3, 8, 8)
