@@ -45,8 +45,11 @@ def _op_args(kind, dtype, adapted, channels_last, device="cpu"):
     if adapted:
         _adapt(layer, x)
     ndim = x.dim() - 2
-    if channels_last and ndim in (2, 3):
-        x = x.contiguous(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    # The op takes the input channel-last: contiguous as a channels-last layer input gives it, or
+    # a strided view of an NCHW input.
+    x = x.movedim(1, -1)
+    if channels_last:
+        x = x.contiguous()
     stride = list(getattr(layer, "stride", ()))
     dilation = list(getattr(layer, "dilation", ()))
     weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler).detach()

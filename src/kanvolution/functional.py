@@ -212,8 +212,8 @@ def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_or
         act = _activation_callable(base_activation)
         out = dense_kan(x, grid, weight, "bspline", spline_order, act, stride, dilation, groups)
     else:
-        out = kan_forward(x, grid, weight, "bspline", spline_order, name, list(stride), list(dilation), groups,
-                          channels_last)
+        out = kan_forward(x.movedim(1, -1).contiguous(), grid, weight, "bspline", spline_order, name, list(stride),
+                          list(dilation), groups, channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * len(stride))
     return out

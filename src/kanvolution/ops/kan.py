@@ -8,13 +8,16 @@ Schemas::
         int option, str activation, int[] stride, int[] dilation, int groups,
         bool[] output_mask) -> (Tensor, Tensor)
 
-``x`` is the padded input ``(N, C, *S)`` (``(N, C)`` for the dense layer), ``state`` the basis
+``x`` is the padded input laid out channel-last, ``(N, *S, C)`` (``(N, C)`` for the dense layer;
+best contiguous: the layers pass ``input.movedim(1, -1).contiguous()``, a view for channels-last
+inputs), ``state`` the basis
 family's per-channel state (the knots for ``basis="bspline"``, ``option`` the spline order),
 ``weight`` the combined weight ``(O, C / groups * (1 + n), *kernel)`` (``(O, C * (1 + n))``
 dense; ``len(stride)`` is the number of spatial dimensions). The forward expands ``x`` into
 ``[act(x), b_0(x), .., b_{n-1}(x)]`` per channel and runs ONE convolution (or linear map) of the
 expansion with ``weight``. The expansion is built channel-last, batch chunk by batch chunk, and
 never kept: autograd saves ``x``, ``state`` and ``weight`` only, and the backward recomputes it.
+The output is ``(N, O, *S_out)`` like ``nn.ConvNd``'s (channels-last strides if ``channels_last``).
 
 Dtypes: the expansion is computed in ``x``'s dtype (which must be ``state``'s), then the
 convolution runs in ``weight``'s dtype, which is the output's. Under autocast the layers pass
@@ -107,7 +110,7 @@ def _channels_first(rows: Tensor) -> Tensor:
 
 
 def _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, compiled):
-    xl = x.movedim(1, -1).contiguous()  # (N, *S, C)
+    xl = x.contiguous()  # (N, *S, C)
     per_sample = xl[:1].numel() * (1 + get_basis(basis).num_bases(state, option)) * xl.element_size()
     outs = []
     for s, e in _chunks(xl.shape[0], per_sample):
@@ -124,7 +127,7 @@ def _backward(grad_out, x, state, weight, basis, option, activation, stride, dil
     need_x, need_w = output_mask
     family = get_basis(basis)
     act_grad = ACTIVATIONS[activation][1]
-    xl = x.movedim(1, -1).contiguous()
+    xl = x.contiguous()
     grad_xl = torch.empty_like(xl) if need_x else None
     grad_w = torch.zeros_like(weight) if need_w else None
     zeros = [0] * len(stride)
@@ -152,8 +155,7 @@ def _backward(grad_out, x, state, weight, basis, option, activation, stride, dil
             if not (compiled and family.cpu_input_grad is not None
                     and family.cpu_input_grad(xs, state, option, grad_e, g_base, out)):
                 family.input_grad(xs, state, option, grad_e, g_base, out)
-    grad_x = grad_xl.movedim(-1, 1) if need_x else x.new_empty(0)
-    return grad_x, grad_w if need_w else weight.new_empty(0)
+    return (grad_xl if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
 
 
 @torch.library.custom_op("kanvolution::kan_forward", mutates_args=())
@@ -189,15 +191,15 @@ def _forward_fake(x, state, weight, basis, option, activation, stride, dilation,
     ndim = len(stride)
     size = [x.shape[0], weight.shape[0]]
     for i in range(ndim):
-        size.append((x.shape[2 + i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
+        size.append((x.shape[1 + i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
     return torch.empty(size, dtype=weight.dtype, device=x.device, memory_format=_memory_format(ndim, channels_last))
 
 
 @kan_backward.register_fake
 def _backward_fake(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask):
     need_x, need_w = output_mask
-    grad_x = torch.empty_like(x.movedim(1, -1), memory_format=torch.contiguous_format).movedim(-1, 1)
-    return (grad_x if need_x else x.new_empty(0)), (torch.empty_like(weight) if need_w else weight.new_empty(0))
+    grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    return grad_x, (torch.empty_like(weight) if need_w else weight.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -227,7 +229,7 @@ def dense_kan(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int,
 
 
 def _forward_decomposition(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last):
-    out = dense_kan(x, state, weight, basis, option, ACTIVATIONS[activation][0], stride, dilation, groups)
+    out = dense_kan(x.movedim(-1, 1), state, weight, basis, option, ACTIVATIONS[activation][0], stride, dilation, groups)
     return out.contiguous(memory_format=_memory_format(len(stride), channels_last))
 
 
