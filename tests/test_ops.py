@@ -2,7 +2,6 @@
 formats, torch.compile, autocast and DDP."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -44,7 +43,6 @@ def _op_args(kind, dtype, adapted, channels_last, device="cpu"):
     layer, x = _layer(kind, device, dtype)
     if adapted:
         _adapt(layer, x)
-    ndim = x.dim() - 2
     # The op takes the input channel-last: contiguous as a channels-last layer input gives it, or
     # a strided view of an NCHW input.
     x = x.movedim(1, -1)

@@ -400,7 +400,9 @@ _CONV_DOC = r"""Applies a {n}-d KAN convolution: ``nn.Conv{n}d`` with a learnabl
         grid_size: intervals ``G`` of the initial uniform grid on ``grid_range``.
         spline_order: degree ``K`` of the B-splines.
         grid_range: ``(low, high)`` of the initial grid.
-        base_activation: module class (or callable) of the base term.
+        base_activation: module class (or callable) of the base term. SiLU, Identity, ReLU, GELU,
+            Tanh, Sigmoid, Mish (modules or torch functions) run in the fused op; any other
+            callable runs the naive path (same result, slower, more memory).
         scale_noise, scale_base, scale_spline: initialisation scales (as the paper's code).
         grid_eps: share of the uniform grid when :meth:`update_grid` adapts the knots.
         implementation: ``"fused"`` (default: fast, memory-lean), ``"naive"`` (dense expansion

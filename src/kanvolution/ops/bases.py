@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from . import bspline
@@ -57,6 +56,7 @@ def get_basis(name: str) -> BasisFamily:
     """The family registered as ``name``.
 
     Examples:
+        >>> import torch
         >>> get_basis("bspline").num_bases(torch.zeros(1, 12), 3)
         8
     """
