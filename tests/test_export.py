@@ -32,10 +32,10 @@ def test_torch_export_every_zoo_model(name, tmp_path):
         other = torch.randn(5, 1, 28, 28)
         assert torch.allclose(program.module()(x), want, atol=1e-6)
         assert torch.allclose(program.module()(other), model(other), atol=1e-6)  # dynamic batch
-        decomposed = export_program(model, x, decompose=True)
-        assert not any("kanvolution" in str(n.target) for n in decomposed.graph.nodes)
-        assert torch.allclose(decomposed.module()(x), want, atol=1e-5)
-        if name == "kanc_mlp_medium":  # .pt2 round trip
+        if name == "kanc_mlp_medium":  # decomposition into aten ops (as for ONNX), .pt2 round trip
+            decomposed = export_program(model, x, decompose=True)
+            assert not any("kanvolution" in str(n.target) for n in decomposed.graph.nodes)
+            assert torch.allclose(decomposed.module()(x), want, atol=1e-5)
             loaded = torch.export.load(save_program(model, x, tmp_path / "model.pt2"))
             assert torch.allclose(loaded.module()(x), want, atol=1e-6)
 
