@@ -323,3 +323,18 @@ def test_ddp_with_an_empty_batch_on_one_rank(tmp_path):
     for rank in (0, 1):  # gradients averaged over the ranks: half of the full batch's sum
         for got, p in zip(results[rank], model.parameters()):
             assert torch.allclose(got, p.grad / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_have_the_strides_of_the_fake_kernels_with_size_one_dimensions(channels_last):
+    layer = KANConv2d(1, 2, 3)
+    x = torch.randn(1, 1, 3, 3)  # N = C = 1 and a 1x1 output: strides of size-1 dimensions are free
+    xl = x.movedim(1, -1)
+    weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler).detach()
+    args = (xl, layer.grid, weight, "bspline", 3, "silu", [1, 1], [1, 1], 1, channels_last)
+    torch.library.opcheck(kan_forward, args)
+    out = kan_forward(*args)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.stride() == torch.empty(out.shape, memory_format=fmt).stride()
+    grad_x, _ = kan_backward(torch.ones_like(out), xl, layer.grid, weight, *args[3:-1], [True, True])
+    assert grad_x.stride() == torch.empty(xl.shape).stride()

@@ -94,6 +94,20 @@ def _memory_format(ndim: int, channels_last: bool) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _canonical(out: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``out`` with exactly the strides ``torch.empty(..., memory_format=fmt)`` gives, as the fake
+    kernel promises (``.contiguous()`` keeps odd strides of size-1 dimensions)."""
+    n = out.dim()
+    order = {torch.channels_last: [1, 3, 2, 0], torch.channels_last_3d: [1, 4, 3, 2, 0]}.get(fmt, range(n - 1, -1, -1))
+    strides, step = [0] * n, 1
+    for d in order:
+        strides[d] = step
+        step *= max(out.shape[d], 1)
+    if list(out.stride()) == strides:
+        return out
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+
+
 def _expand(xs: Tensor, state: Tensor, basis: str, option: int, activation: str, compiled: bool) -> Tensor:
     """Channel-last expansion rows ``(n, *S, C, 1 + n_bases)`` of a chunk ``xs`` (``(n, *S, C)``)."""
     family = get_basis(basis)
@@ -119,7 +133,7 @@ def _forward(x, state, weight, basis, option, activation, stride, dilation, grou
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     # oneDNN returns the expansion's channels-last layout; hand back NCHW unless the caller's
     # tensors ask for channels-last, as nn.ConvNd does.
-    return out.contiguous(memory_format=_memory_format(len(stride), channels_last))
+    return _canonical(out, _memory_format(len(stride), channels_last))
 
 
 def _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask,
@@ -128,7 +142,7 @@ def _backward(grad_out, x, state, weight, basis, option, activation, stride, dil
     family = get_basis(basis)
     act_grad = ACTIVATIONS[activation][1]
     xl = x.contiguous()
-    grad_xl = torch.empty_like(xl) if need_x else None
+    grad_xl = torch.empty(xl.shape, dtype=xl.dtype, device=xl.device) if need_x else None
     grad_w = torch.zeros_like(weight) if need_w else None
     zeros = [0] * len(stride)
     per_sample = xl[:1].numel() * (1 + family.num_bases(state, option)) * xl.element_size()
