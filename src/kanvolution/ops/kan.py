@@ -10,9 +10,8 @@ Schemas::
 
 ``x`` is the padded input laid out channel-last, ``(N, *S, C)`` (``(N, C)`` for the dense layer;
 best contiguous: the layers pass ``input.movedim(1, -1).contiguous()``, a view for channels-last
-inputs), ``state`` the basis
-family's per-channel state (the knots for ``basis="bspline"``, ``option`` the spline order),
-``weight`` the combined weight ``(O, C / groups * (1 + n), *kernel)`` (``(O, C * (1 + n))``
+inputs), ``state`` the basis family's per-channel state (the knots for ``basis="bspline"``,
+``option`` the spline order), ``weight`` the combined weight ``(O, C / groups * (1 + n), *kernel)`` (``(O, C * (1 + n))``
 dense; ``len(stride)`` is the number of spatial dimensions). The forward expands ``x`` into
 ``[act(x), b_0(x), .., b_{n-1}(x)]`` per channel and runs ONE convolution (or linear map) of the
 expansion with ``weight``. The expansion is built channel-last, batch chunk by batch chunk, and
