@@ -42,3 +42,14 @@ def pytest_configure(config):
     # Two xdist workers on two cores: one torch thread each, or they fight over the cores.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+def _devices() -> list:
+    cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+    return ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """Every device of the machine: the CPU, and CUDA when present (skipped with the reason otherwise)."""
+    return torch.device(request.param)

@@ -1,9 +1,11 @@
 """kanvolution: Convolutional Kolmogorov-Arnold Networks for PyTorch.
 
 ``KANConv1d/2d/3d`` and ``KANLinear`` are drop-in replacements for ``nn.Conv1d/2d/3d`` and
-``nn.Linear`` whose kernel taps are learnable functions (B-splines plus a SiLU base term).
+``nn.Linear`` whose kernel taps are learnable functions (B-splines plus a SiLU base term). The
+fused layer is the registered op ``torch.ops.kanvolution.kan_forward`` (:mod:`kanvolution.ops`),
+which ``torch.compile``, ``torch.export`` and ONNX export (:mod:`kanvolution.export`) see through.
 """
-from . import functional
+from . import functional, ops
 from .layers import (
     KANConv1d,
     KANConv2d,
@@ -22,6 +24,7 @@ __all__ = [
     "KANConv3d",
     "KANLinear",
     "functional",
+    "ops",
     "kan_layers",
     "regularization_loss",
     "update_grids",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as KF
+from .ops import activation_name
 
 __all__ = [
     "KANConv1d",
@@ -90,15 +91,29 @@ class _KANLayer(nn.Module):
         self.register_buffer("grid", grid)
         self.reset_parameters()
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "base_activation":
+            # The op's name of the activation, resolved here once rather than in every forward
+            # (where compilers would trace the lookup); None: a callable the op does not know.
+            super().__setattr__("_activation_op", activation_name(value))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        super().__setattr__("_activation_op", activation_name(self.base_activation))
+
+    def _activation(self):
+        return self._activation_op or self.base_activation
+
     def _apply(self, fn, recurse=True):
         # Module.to(memory_format=...) restrides every 4-d and 5-d tensor; the spline coefficients
-        # carry an extra coefficient axis (5-d in a 2-d layer) and are no (N, C, H, W) tensor, so
-        # they are converted through a 6-d view that keeps their layout.
+        # carry an extra coefficient axis (4-d in a 1-d layer, 5-d in a 2-d layer) and are no
+        # (N, C, *S) tensor, so they are converted through a 6-d view that keeps their layout.
         shape = self.spline_weight.shape
 
         def convert(t):
             if t.shape == shape and t.dim() in (4, 5):
-                return fn(t.unsqueeze(-1)).squeeze(-1)
+                return fn(t.view(shape + (1,) * (6 - t.dim()))).view(shape)
             return fn(t)
 
         return super()._apply(convert, recurse)
@@ -344,7 +359,7 @@ class _KANConvNd(_KANLayer):
         else:
             out = KF._kan_convnd(self._ndim, x, self.base_weight, self.spline_weight, self.spline_scaler,
                                  self.grid, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                 self.padding_mode, self.spline_order, self.base_activation,
+                                 self.padding_mode, self.spline_order, self._activation(),
                                  naive=self.implementation == "naive")
         return out.squeeze(0) if unbatched else out
 
@@ -385,7 +400,9 @@ _CONV_DOC = r"""Applies a {n}-d KAN convolution: ``nn.Conv{n}d`` with a learnabl
         grid_size: intervals ``G`` of the initial uniform grid on ``grid_range``.
         spline_order: degree ``K`` of the B-splines.
         grid_range: ``(low, high)`` of the initial grid.
-        base_activation: module class (or callable) of the base term.
+        base_activation: module class (or callable) of the base term. SiLU, Identity, ReLU, GELU,
+            Tanh, Sigmoid, Mish (modules or torch functions) run in the fused op; any other
+            callable runs the naive path (same result, slower, more memory).
         scale_noise, scale_base, scale_spline: initialisation scales (as the paper's code).
         grid_eps: share of the uniform grid when :meth:`update_grid` adapts the knots.
         implementation: ``"fused"`` (default: fast, memory-lean), ``"naive"`` (dense expansion
@@ -489,7 +506,7 @@ class KANLinear(_KANLayer):
             return kan_linear_reference(input, self.base_weight, self.spline_weight, self.spline_scaler,
                                         self.grid, self.bias, self.spline_order, self.base_activation)
         return KF._kan_linear(input, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
-                              self.bias, self.spline_order, self.base_activation,
+                              self.bias, self.spline_order, self._activation(),
                               naive=self.implementation == "naive")
 
     def _grid_samples(self, x: Tensor) -> Tensor:

@@ -1,47 +1,6 @@
-"""Fused CPU loops for the B-spline expansion of the KAN layers and for its input gradient.
-
-Why these exist: in eager PyTorch the expansion takes about fifteen separate element-wise, gather
-and scatter passes per batch chunk (and as many again for its gradient); on CPU their dispatch
-and memory sweeps cost as much as the convolution itself for the paper's small models. These
-loops find each value's knot span, evaluate its ``K + 1`` basis pieces and write its row of the
-expansion (or reduce its row of the gradient) in one pass over the data.
-
-Only uniform knots and ``K >= 1`` are handled (the closed-form pieces of the uniform B-spline);
-:mod:`kanvolution.functional` keeps its PyTorch implementation for everything else and whenever
-the extension is unavailable. The extension is compiled on first use with
-:func:`torch.utils.cpp_extension.load_inline` into torch's extension cache (``TORCH_EXTENSIONS_DIR``),
-never at import. If the build fails for any reason a single warning is issued and the PyTorch
-path is used for the rest of the process.
-
-``KANVOLUTION_CPU_KERNELS=0`` disables the kernels, ``=1`` enables them;
-:func:`set_enabled` overrides both within a process.
-"""
-from __future__ import annotations
-
-import functools
-import hashlib
-import inspect
-import os
-import sys
-import time
-import warnings
-
-import torch
-from torch import Tensor
-
-__all__ = ["set_enabled", "is_enabled", "load", "expand", "grad_input", "MAX_ORDER"]
-
-ENV_VAR = "KANVOLUTION_CPU_KERNELS"
-# On by default: measured on 2 CPU threads, a training step of KANC MLP (Medium) at batch 128
-# takes about 21 ms with these loops against 29 ms without (grid 20: 27 ms against 35 ms).
-DEFAULT_ENABLED = True
-# Spline orders the compiled loops accept; higher orders stay on the PyTorch path.
-MAX_ORDER = 16
-_NAMESPACE = "kanvolution_cpu"
-# A build lock older than this is taken to be left by a killed build (a build takes 10-30 s).
-STALE_LOCK_SECONDS = 300.0
-
-_SOURCE = r"""
+// Fused CPU loops of the B-spline expansion (uniform knots, order 1..kMaxOrder) and of its input
+// gradient, one pass over the data each. Built on first use by kanvolution/ops/build.py; the
+// registered op kanvolution::kan_forward/kan_backward calls them on CPU.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -55,7 +14,7 @@ _SOURCE = r"""
 
 namespace {
 
-constexpr int kMaxOrder = @MAX_ORDER@;
+constexpr int kMaxOrder = 16;
 
 // Highest coefficient first, in the same order as the PyTorch path's Horner loop, so that the
 // two paths agree to the last bits in float64.
@@ -262,158 +221,10 @@ void grad_input(const at::Tensor& grad_e, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY(@NAMESPACE@, m) {
+TORCH_LIBRARY(kanvolution_cpu, m) {
   m.def("expand(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, int n_knots, int K, Tensor act, Tensor(a!) out) -> ()",
         &expand);
   m.def("grad_input(Tensor grad_e, Tensor x, Tensor t0, Tensor inv_h, Tensor dcoef, int n_knots, int K, "
         "Tensor g_base, Tensor(a!) out) -> ()",
         &grad_input);
 }
-"""
-
-_override: bool | None = None
-_ops = None
-# Set before the first build attempt and never cleared: one attempt (and at most one warning) per
-# process. A thread that races the first build sees the flag and simply uses the PyTorch path.
-_attempted = False
-
-
-def set_enabled(enabled: bool | None) -> None:
-    """Turn the fused kernels on or off in this process; ``None`` restores the default
-    (``KANVOLUTION_CPU_KERNELS``, else on)."""
-    global _override
-    _override = None if enabled is None else bool(enabled)
-
-
-def is_enabled() -> bool:
-    """Whether the kernels should be used (does not build them)."""
-    if _override is not None:
-        return _override
-    env = os.environ.get(ENV_VAR, "").strip().lower()
-    if env in ("0", "false", "off", "no"):
-        return False
-    if env in ("1", "true", "on", "yes"):
-        return True
-    return DEFAULT_ENABLED
-
-
-def _source() -> str:
-    return _SOURCE.replace("@MAX_ORDER@", str(MAX_ORDER)).replace("@NAMESPACE@", _NAMESPACE)
-
-
-def _build_name(source: str) -> str:
-    # Source and torch version in the name: a cache built against other headers is never reused.
-    key = f"{source}\0{torch.__version__}\0{sys.version_info[:2]}".encode()
-    digest = hashlib.sha1(key, usedforsecurity=False).hexdigest()[:12]
-    return f"kanvolution_cpu_{digest}"
-
-
-def _wait_for_build_lock(cpp_extension, name: str) -> None:
-    """Wait for another process's build of ``name``, and clear its lock file if that process died.
-
-    torch's own wait has no timeout: a build interrupted by a kill (a test-run timeout, Ctrl-C)
-    leaves a lock behind, and every later process would hang on it for good.
-    """
-    try:
-        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
-    except Exception:  # private helper: without it, keep torch's behaviour
-        return
-    while True:
-        try:
-            age = time.time() - os.stat(lock).st_mtime
-        except OSError:  # no lock
-            return
-        if age > STALE_LOCK_SECONDS:
-            try:
-                os.remove(lock)
-            except OSError:
-                pass
-            return
-        time.sleep(0.2)
-
-
-def load():
-    """The compiled ops (``torch.ops.kanvolution_cpu``), building them on the first call; ``None``
-    if they cannot be built. Tries once per process."""
-    global _ops, _attempted
-    if _ops is not None or _attempted:
-        return _ops
-    _attempted = True
-    try:
-        from torch.utils import cpp_extension
-
-        source = _source()
-        if sys.platform.startswith("linux"):
-            # The objects then reference libgomp.so.1, which resolves to the copy torch has loaded:
-            # one thread pool, and torch.set_num_threads applies to these loops too.
-            cflags, ldflags = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
-        else:  # without OpenMP flags at::parallel_for runs serially, which is still correct
-            cflags, ldflags = (["/O2"] if sys.platform == "win32" else ["-O3", "-fno-trapping-math"]), []
-        kwargs = {}
-        if "no_implicit_headers" in inspect.signature(cpp_extension.load_inline).parameters:
-            kwargs["no_implicit_headers"] = True  # ATen headers only: a much faster first build
-        name = _build_name(source)
-        _wait_for_build_lock(cpp_extension, name)
-        cpp_extension.load_inline(
-            name=name, cpp_sources=[source], extra_cflags=cflags, extra_ldflags=ldflags,
-            is_python_module=False, verbose=False, **kwargs,
-        )
-        ops = getattr(torch.ops, _NAMESPACE)
-        ops.expand, ops.grad_input  # noqa: B018 - fail here, not on first use, if registration failed
-    except Exception as exc:  # anything at all: the PyTorch path always works
-        message = " ".join(str(exc).split())
-        if len(message) > 400:
-            message = message[:400] + " ..."
-        warnings.warn(
-            f"kanvolution: could not build the fused CPU kernels ({type(exc).__name__}: {message}); "
-            f"using the slower PyTorch implementation. Set {ENV_VAR}=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    _ops = ops
-    return _ops
-
-
-@functools.lru_cache(maxsize=None)
-def _coefficients(spline_order: int) -> tuple[Tensor, Tensor]:
-    from .functional import _uniform_pieces
-
-    A, D = _uniform_pieces(spline_order)
-    K = spline_order
-    coef = torch.tensor([[float(A[p][r]) for p in range(K + 1)] for r in range(K + 1)], dtype=torch.float64)
-    dcoef = torch.tensor([[float(D[p][r]) for p in range(K)] for r in range(K + 1)], dtype=torch.float64)
-    return coef.contiguous(), dcoef.contiguous()
-
-
-def _ops_or_raise():
-    ops = load()
-    if ops is None:
-        raise RuntimeError("the fused CPU kernels are not available")
-    return ops
-
-
-def expand(x: Tensor, t0: Tensor, inv_h: Tensor, n_knots: int, spline_order: int, act: Tensor, out: Tensor) -> Tensor:
-    """Write the channel-last expansion of ``x`` on uniform knots into ``out`` (every element).
-
-    Args:
-        x, act: contiguous ``(L, C)``; ``act`` is the base term ``act(x)``.
-        t0, inv_h: ``(C,)`` first knot and inverse spacing of each channel's knots.
-        n_knots: knots per channel (``G + 2K + 1``).
-        out: contiguous ``(L, C, n_knots - K)``: slot 0 ``act``, slot ``1 + g`` basis ``g``.
-    """
-    _ops_or_raise().expand(x, t0, inv_h, _coefficients(spline_order)[0], n_knots, spline_order, act, out)
-    return out
-
-
-def grad_input(grad_e: Tensor, x: Tensor, t0: Tensor, inv_h: Tensor, n_knots: int, spline_order: int,
-               g_base: Tensor, out: Tensor) -> Tensor:
-    """``out = g_base + sum_g grad_e[..., 1 + g] * dB_g/dx`` on uniform knots.
-
-    Args:
-        grad_e: ``(L, C, n_knots - K)`` gradient of the expansion (any strides).
-        x, g_base, out: contiguous ``(L, C)``; ``g_base`` carries the base term's gradient.
-    """
-    _ops_or_raise().grad_input(grad_e, x, t0, inv_h, _coefficients(spline_order)[1], n_knots, spline_order,
-                               g_base, out)
-    return out

@@ -1,0 +1,27 @@
+"""The KAN layer as registered PyTorch operators (namespace ``kanvolution``).
+
+- :mod:`.kan`: the ops ``kanvolution::kan_forward`` / ``kan_backward``, their fake kernels,
+  autograd and a decomposition table into aten operations;
+- :mod:`.bases`: the registry of basis families the ops expand into (``"bspline"``);
+- :mod:`.activations`: the base activations the ops know by name;
+- :mod:`.build`: building and loading the compiled CPU loops in ``csrc/``.
+"""
+from .activations import ACTIVATIONS, activation_name
+from .bases import BasisFamily, get_basis, register_basis
+from .build import is_enabled, set_enabled
+from .kan import decompositions, dense_kan, kan_backward, kan_forward, release_workspace
+
+__all__ = [
+    "ACTIVATIONS",
+    "BasisFamily",
+    "activation_name",
+    "decompositions",
+    "dense_kan",
+    "get_basis",
+    "is_enabled",
+    "kan_backward",
+    "kan_forward",
+    "register_basis",
+    "release_workspace",
+    "set_enabled",
+]

@@ -1,0 +1,257 @@
+"""The fused KAN layer as two ``torch.library`` custom ops, with fake kernels and autograd.
+
+Schemas::
+
+    kanvolution::kan_forward(Tensor x, Tensor state, Tensor weight, str basis, int option,
+        str activation, int[] stride, int[] dilation, int groups, bool channels_last) -> Tensor
+    kanvolution::kan_backward(Tensor grad_out, Tensor x, Tensor state, Tensor weight, str basis,
+        int option, str activation, int[] stride, int[] dilation, int groups,
+        bool[] output_mask) -> (Tensor, Tensor)
+
+``x`` is the padded input laid out channel-last, ``(N, *S, C)`` (``(N, C)`` for the dense layer;
+best contiguous: the layers pass ``input.movedim(1, -1).contiguous()``, a view for channels-last
+inputs), ``state`` the basis family's per-channel state (the knots for ``basis="bspline"``,
+``option`` the spline order), ``weight`` the combined weight ``(O, C / groups * (1 + n), *kernel)`` (``(O, C * (1 + n))``
+dense; ``len(stride)`` is the number of spatial dimensions). The forward expands ``x`` into
+``[act(x), b_0(x), .., b_{n-1}(x)]`` per channel and runs ONE convolution (or linear map) of the
+expansion with ``weight``. The expansion is built channel-last, batch chunk by batch chunk, and
+never kept: autograd saves ``x``, ``state`` and ``weight`` only, and the backward recomputes it.
+The output is ``(N, O, *S_out)`` like ``nn.ConvNd``'s (channels-last strides if ``channels_last``).
+
+Dtypes: the expansion is computed in ``x``'s dtype (which must be ``state``'s), then the
+convolution runs in ``weight``'s dtype, which is the output's. Under autocast the layers pass
+``x`` and the knots in float32 and ``weight`` in the autocast dtype.
+
+Kernels: on CPU the basis family's compiled loops (``csrc/``) where they apply, the portable
+torch operations otherwise and on every other device. :func:`decompositions` maps the forward
+onto plain aten operations (dense expansion) for exporters such as ONNX.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import ACTIVATIONS
+from .bases import get_basis
+
+__all__ = ["kan_forward", "kan_backward", "dense_kan", "decompositions", "release_workspace",
+           "EXPANSION_CHUNK_BYTES"]
+
+# The expansion of one batch chunk is kept under this many bytes; larger batches are processed
+# chunk by chunk in forward and backward, which bounds peak memory independently of batch size.
+EXPANSION_CHUNK_BYTES = 32 * 2**20
+
+_workspace = threading.local()
+
+
+def _workspace_tensor(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Scratch memory for an expansion chunk; on CPU it is kept and reused between calls.
+
+    Fresh multi-megabyte allocations on CPU go back to the operating system when freed, and
+    every new one pays page faults on first touch (measured: ~8x slower zero-filling of the
+    expansion). The buffer is per thread and holds at most one expansion chunk
+    (``EXPANSION_CHUNK_BYTES``); :func:`release_workspace` frees it.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    numel = math.prod(shape)
+    buf = getattr(_workspace, "buffer", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=like.dtype)
+        _workspace.buffer = buf
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's cached expansion buffer."""
+    _workspace.buffer = None
+
+
+def _chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
+    if n == 0:  # an empty batch still runs once: empty output, zero weight gradient
+        return [(0, 0)]
+    size = max(1, EXPANSION_CHUNK_BYTES // max(1, per_sample))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _apply(expanded: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    ndim = len(stride)
+    if ndim == 0:
+        return F.linear(expanded, weight)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
+    return conv(expanded, weight, None, stride, 0, dilation, groups)
+
+
+def _memory_format(ndim: int, channels_last: bool) -> torch.memory_format:
+    if channels_last and ndim in (2, 3):
+        return torch.channels_last if ndim == 2 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _canonical(out: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``out`` with exactly the strides ``torch.empty(..., memory_format=fmt)`` gives, as the fake
+    kernel promises (``.contiguous()`` keeps odd strides of size-1 dimensions)."""
+    n = out.dim()
+    order = {torch.channels_last: [1, 3, 2, 0], torch.channels_last_3d: [1, 4, 3, 2, 0]}.get(fmt, range(n - 1, -1, -1))
+    strides, step = [0] * n, 1
+    for d in order:
+        strides[d] = step
+        step *= max(out.shape[d], 1)
+    if list(out.stride()) == strides:
+        return out
+    return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+
+
+def _expand(xs: Tensor, state: Tensor, basis: str, option: int, activation: str, compiled: bool) -> Tensor:
+    """Channel-last expansion rows ``(n, *S, C, 1 + n_bases)`` of a chunk ``xs`` (``(n, *S, C)``)."""
+    family = get_basis(basis)
+    out = _workspace_tensor(xs.shape + (1 + family.num_bases(state, option),), xs)
+    act = ACTIVATIONS[activation][0](xs)
+    if not (compiled and family.cpu_fill is not None and family.cpu_fill(xs, state, option, act, out)):
+        family.fill(xs, state, option, act, out)
+    return out
+
+
+def _channels_first(rows: Tensor) -> Tensor:
+    """``(n, *S, C, B)`` rows as the ``(n, C * B, *S)`` input of the convolution (channels-last strides)."""
+    return rows.flatten(-2).movedim(-1, 1)
+
+
+def _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, compiled):
+    xl = x.contiguous()  # (N, *S, C)
+    per_sample = xl[:1].numel() * (1 + get_basis(basis).num_bases(state, option)) * xl.element_size()
+    outs = []
+    for s, e in _chunks(xl.shape[0], per_sample):
+        rows = _expand(xl[s:e], state, basis, option, activation, compiled)
+        outs.append(_apply(_channels_first(rows).to(weight.dtype), weight, stride, dilation, groups))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    # oneDNN returns the expansion's channels-last layout; hand back NCHW unless the caller's
+    # tensors ask for channels-last, as nn.ConvNd does.
+    return _canonical(out, _memory_format(len(stride), channels_last))
+
+
+def _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask,
+              compiled):
+    need_x, need_w = output_mask
+    family = get_basis(basis)
+    act_grad = ACTIVATIONS[activation][1]
+    xl = x.contiguous()
+    grad_xl = torch.empty(xl.shape, dtype=xl.dtype, device=xl.device) if need_x else None
+    grad_w = torch.zeros_like(weight) if need_w else None
+    zeros = [0] * len(stride)
+    per_sample = xl[:1].numel() * (1 + family.num_bases(state, option)) * xl.element_size()
+    for s, e in _chunks(xl.shape[0], per_sample):
+        xs, go = xl[s:e], grad_out[s:e]
+        rows = _expand(xs, state, basis, option, activation, compiled)
+        flat = _channels_first(rows).to(weight.dtype)
+        if not stride:
+            if need_w:
+                grad_w += go.T.mm(flat)
+            grad_e = go.mm(weight) if need_x else None
+        else:
+            grad_e, gw, _ = torch.ops.aten.convolution_backward(
+                go, flat, weight, None, list(stride), zeros, list(dilation), False, zeros, groups,
+                [need_x, need_w, False],
+            )
+            if need_w:
+                grad_w += gw
+        if need_x:
+            grad_e = grad_e.movedim(1, -1).reshape(rows.shape).to(xs.dtype)
+            # The activation's backward runs several times slower on the strided slot-0 view.
+            g_base = act_grad(grad_e[..., 0].contiguous(), xs)
+            out = grad_xl[s:e]
+            if not (compiled and family.cpu_input_grad is not None
+                    and family.cpu_input_grad(xs, state, option, grad_e, g_base, out)):
+                family.input_grad(xs, state, option, grad_e, g_base, out)
+    return (grad_xl if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
+
+
+@torch.library.custom_op("kanvolution::kan_forward", mutates_args=())
+def kan_forward(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int, activation: str,
+                stride: list[int], dilation: list[int], groups: int, channels_last: bool) -> Tensor:
+    """The fused KAN layer on the padded input ``x`` (see the module docstring)."""
+    return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, False)
+
+
+@torch.library.custom_op("kanvolution::kan_backward", mutates_args=())
+def kan_backward(grad_out: Tensor, x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int,
+                 activation: str, stride: list[int], dilation: list[int], groups: int,
+                 output_mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`kan_forward` with respect to ``x`` and ``weight`` (empty where
+    ``output_mask`` says they are not needed)."""
+    return _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
+                     output_mask, False)
+
+
+@kan_forward.register_kernel("cpu")
+def _forward_cpu(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last):
+    return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, True)
+
+
+@kan_backward.register_kernel("cpu")
+def _backward_cpu(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask):
+    return _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
+                     output_mask, True)
+
+
+@kan_forward.register_fake
+def _forward_fake(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last):
+    ndim = len(stride)
+    size = [x.shape[0], weight.shape[0]]
+    for i in range(ndim):
+        size.append((x.shape[1 + i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1)
+    return torch.empty(size, dtype=weight.dtype, device=x.device, memory_format=_memory_format(ndim, channels_last))
+
+
+@kan_backward.register_fake
+def _backward_fake(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask):
+    need_x, need_w = output_mask
+    grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    return grad_x, (torch.empty_like(weight) if need_w else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, state, weight, basis, option, activation, stride, dilation, groups, _ = inputs
+    ctx.save_for_backward(x, state, weight)
+    ctx.conf = (basis, option, activation, stride, dilation, groups)
+
+
+def _autograd_backward(ctx, grad):
+    x, state, weight = ctx.saved_tensors
+    need_x, _, need_w = ctx.needs_input_grad[:3]
+    grad_x, grad_w = kan_backward(grad, x, state, weight, *ctx.conf, [need_x, need_w])
+    return (grad_x if need_x else None), None, (grad_w if need_w else None), None, None, None, None, None, None, None
+
+
+kan_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def dense_kan(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int, activation: Callable[[Tensor], Tensor],
+              stride: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """:func:`kan_forward` by plain differentiable operations: the dense expansion of ``x`` kept by
+    autograd, then one convolution. Twice differentiable, traceable without reading data, any
+    callable ``activation``; slower and ``1 + n`` times the input's memory."""
+    bases = get_basis(basis).dense(x, state, option).movedim(-1, 2)  # (N, C, n, *S)
+    expanded = torch.cat([activation(x).unsqueeze(2), bases], dim=2).flatten(1, 2)
+    return _apply(expanded.to(weight.dtype), weight, stride, dilation, groups)
+
+
+def _forward_decomposition(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last):
+    out = dense_kan(x.movedim(-1, 1), state, weight, basis, option, ACTIVATIONS[activation][0], stride, dilation, groups)
+    return out.contiguous(memory_format=_memory_format(len(stride), channels_last))
+
+
+def decompositions() -> dict:
+    """Decomposition table of the op into aten operations, for
+    :meth:`torch.export.ExportedProgram.run_decompositions`.
+
+    Examples:
+        >>> torch.ops.kanvolution.kan_forward.default in decompositions()
+        True
+    """
+    return {torch.ops.kanvolution.kan_forward.default: _forward_decomposition}
