@@ -1,0 +1,412 @@
+// Direct sparse KAN convolution on CPU: forward, input gradient, weight gradient.
+//
+// A value x of input channel c on uniform knots lies in span m with position f in the span; only
+// the K + 1 B-splines B_{m-K} .. B_m are non-zero there, and they are fixed polynomials of f. So
+// instead of convolving the dense expansion [silu(x), B_0(x), .., B_{G+K-1}(x)] (G + K + 1 maps per
+// channel), each value is reduced to its "local" form: K + 2 values [silu(x), b_0(f), .., b_K(f)]
+// and one row index, and every kernel tap does K + 2 multiply-adds per output channel.
+//
+// Packed weight layout (one row of Og output channels per slot, Og = O / groups):
+//   wp[c][tap][s][o], s = 0: base term; s = 1 .. K: zero rows; s = 1 + K + g: basis g;
+//   then K more zero rows (S = G + 3K + 1 = n_knots + K slots in all).
+// With the zero rows, a value in span m reads rows 1 + m .. 1 + m + K for b_0 .. b_K whatever m,
+// with no test for the bases that do not exist at the ends of the grid. Values outside the knots
+// (and NaN) get b_r = 0.
+//
+// Shapes are handled as 3-d (1-d and 2-d convolutions and the dense layer have size-1 dimensions).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxOrder = 16;
+// The local form of the input is built batch chunk by batch chunk, each under this many bytes.
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
+
+struct Geometry {
+  int64_t N, C, D, H, W;  // padded input
+  int64_t kd, kh, kw, sd, sh, sw, dd, dh, dw;
+  int64_t Do, Ho, Wo;
+  int64_t groups, Cg, Og, O;
+  int64_t S;  // packed slots
+  int64_t taps() const { return kd * kh * kw; }
+  int64_t in_size() const { return D * H * W; }
+  int64_t out_size() const { return Do * Ho * Wo; }
+};
+
+// Highest coefficient first, the order of the library's other uniform-knot code.
+template <typename T>
+inline T horner(const T* c, int n, T f) {
+  if (n == 1) return c[0];
+  T v = f * c[n - 1] + c[n - 2];
+  for (int p = n - 3; p >= 0; --p) v = v * f + c[p];
+  return v;
+}
+
+// Local form of a batch chunk, channel-first like the input: for value i (i = (n * C + c) * L + l)
+// vals[i * V .. i * V + V) = [silu(x), b_0, .., b_K] and row[i] = 1 + m (the packed slot of b_0);
+// with derivatives, dvals holds [silu'(x), b_0' / h, .., b_K' / h].
+template <typename T>
+struct Local {
+  int K, V;
+  std::vector<T> vals, dvals;
+  std::vector<int32_t> row;
+
+  Local(int k, int64_t n_values, bool derivative) : K(k), V(k + 2), vals(n_values * (k + 2)), row(n_values) {
+    if (derivative) dvals.resize(n_values * V);
+  }
+
+  void build(const T* x, const T* t0, const T* inv_h, const T* coef, const T* dcoef, int64_t n_rows,
+             int64_t C, int64_t L, int64_t n_knots) {
+    const T n_spans = static_cast<T>(n_knots - 1);
+    const bool derivative = !dvals.empty();
+    at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % C;
+        const T a = t0[c], s = inv_h[c];
+        for (int64_t l = nc * L; l < (nc + 1) * L; ++l) {
+          const T xv = x[l];
+          const T u = (xv - a) * s;
+          const bool inside = u >= T(0) && u < n_spans;  // false for NaN
+          const T uu = inside ? u : T(0);
+          const int32_t m = static_cast<int32_t>(uu);  // floor, as uu >= 0
+          const T f = uu - static_cast<T>(m);
+          const T sig = T(1) / (T(1) + std::exp(-xv));
+          T* v = vals.data() + l * V;
+          v[0] = xv * sig;
+          for (int r = 0; r <= K; ++r) v[1 + r] = inside ? horner(coef + r * (K + 1), K + 1, f) : T(0);
+          row[l] = 1 + m;
+          if (derivative) {
+            T* dv = dvals.data() + l * V;
+            dv[0] = sig * (T(1) + xv * (T(1) - sig));
+            for (int r = 0; r <= K; ++r) dv[1 + r] = inside ? horner(dcoef + r * K, K, f) * s : T(0);
+          }
+        }
+      }
+    });
+  }
+};
+
+template <typename T>
+struct Tables {
+  T coef[(kMaxOrder + 1) * (kMaxOrder + 1)];
+  T dcoef[(kMaxOrder + 1) * kMaxOrder];
+  Tables(const at::Tensor& coef_t, const at::Tensor& dcoef_t) {
+    const double* c = coef_t.data_ptr<double>();
+    const double* d = dcoef_t.data_ptr<double>();
+    for (int64_t i = 0; i < coef_t.numel(); ++i) coef[i] = static_cast<T>(c[i]);
+    for (int64_t i = 0; i < dcoef_t.numel(); ++i) dcoef[i] = static_cast<T>(d[i]);
+  }
+};
+
+int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
+  const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
+  const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
+  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per_sample));
+}
+
+// out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
+template <typename T, int KC>
+void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp, const Geometry& g,
+                  int k_rt, int64_t n_knots, T* out) {
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
+        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
+        std::fill(orow, orow + g.Wo * g.O, T(0));
+        for (int64_t c = 0; c < g.C; ++c) {
+          const int64_t ocol = c / g.Cg * Og;
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+              const T* vrow = loc.vals.data() + in_row * g.W * V;
+              const int32_t* rrow = loc.row.data() + in_row * g.W;
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                  const int64_t w = ow * g.sw + e * g.dw;
+                  const T* v = vrow + w * V;
+                  const T* r0 = ws + rrow[w] * Og;
+                  T* acc = orow + ow * g.O + ocol;
+                  for (int64_t o = 0; o < Og; ++o) {
+                    T sum = acc[o] + v[0] * ws[o];
+                    for (int r = 0; r <= K; ++r) sum += v[1 + r] * r0[r * Og + o];
+                    acc[o] = sum;
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
+template <typename T, int KC>
+void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
+                     const Geometry& g, int k_rt, int64_t n_knots, T* gx) {
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
+  Local<T> loc(K, chunk * g.C * L, true);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    // One task per input row of one channel: (n, c, d, h).
+    at::parallel_for(0, nn * g.C * g.D * g.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(V * Og);
+      std::vector<int64_t> tap_od, tap_oh;  // valid (tap, output index) pairs of this row
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task % g.H, d = task / g.H % g.D, c = task / (g.H * g.D) % g.C;
+        const int64_t nl = task / (g.H * g.D * g.C);
+        const int64_t ocol = c / g.Cg * Og;
+        tap_od.clear();
+        tap_oh.clear();
+        for (int64_t a = 0; a < g.kd; ++a) {
+          const int64_t t = d - a * g.dd;
+          if (t >= 0 && t % g.sd == 0 && t / g.sd < g.Do) tap_od.insert(tap_od.end(), {a, t / g.sd});
+        }
+        for (int64_t b = 0; b < g.kh; ++b) {
+          const int64_t t = h - b * g.dh;
+          if (t >= 0 && t % g.sh == 0 && t / g.sh < g.Ho) tap_oh.insert(tap_oh.end(), {b, t / g.sh});
+        }
+        const int64_t in_row = task;  // ((nl * C + c) * D + d) * H + h
+        T* gxrow = gx + ((n0 * g.C) * g.D * g.H + in_row) * g.W;
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t i = in_row * g.W + w;
+          const int32_t r = loc.row[i];
+          std::fill(acc.begin(), acc.end(), T(0));
+          for (size_t ia = 0; ia < tap_od.size(); ia += 2) {
+            for (size_t ib = 0; ib < tap_oh.size(); ib += 2) {
+              const int64_t a = tap_od[ia], od = tap_od[ia + 1], b = tap_oh[ib], oh = tap_oh[ib + 1];
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const int64_t t = w - e * g.dw;
+                if (t < 0 || t % g.sw != 0 || t / g.sw >= g.Wo) continue;
+                const T* gp = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                const T* r0 = ws + r * Og;
+                T* a0 = acc.data();
+                for (int64_t o = 0; o < Og; ++o) a0[o] += gp[o] * ws[o];
+                for (int q = 0; q <= K; ++q) {
+                  T* aq = a0 + (1 + q) * Og;
+                  const T* rq = r0 + q * Og;
+                  for (int64_t o = 0; o < Og; ++o) aq[o] += gp[o] * rq[o];
+                }
+              }
+            }
+          }
+          const T* dv = loc.dvals.data() + i * V;
+          T total = T(0);
+          for (int s = 0; s < V; ++s) {
+            T dot = T(0);
+            for (int64_t o = 0; o < Og; ++o) dot += acc[s * Og + o];
+            total += dv[s] * dot;
+          }
+          gxrow[w] = total;
+        }
+      }
+    });
+  }
+}
+
+// gw[c][tap][slot][o] += local value * grad_out; one task per input channel, so no two threads
+// write the same rows and no per-thread copies are needed.
+template <typename T, int KC>
+void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
+                      const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  std::fill(gw, gw + g.C * taps * S * Og, T(0));
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t ocol = c / g.Cg * Og;
+        for (int64_t nl = 0; nl < nn; ++nl) {
+          for (int64_t od = 0; od < g.Do; ++od) {
+            for (int64_t oh = 0; oh < g.Ho; ++oh) {
+              const T* grow = go + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O + ocol;
+              for (int64_t a = 0; a < g.kd; ++a) {
+                for (int64_t b = 0; b < g.kh; ++b) {
+                  const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+                  const T* vrow = loc.vals.data() + in_row * g.W * V;
+                  const int32_t* rrow = loc.row.data() + in_row * g.W;
+                  for (int64_t e = 0; e < g.kw; ++e) {
+                    T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                      const int64_t w = ow * g.sw + e * g.dw;
+                      const T* v = vrow + w * V;
+                      T* r0 = ws + rrow[w] * Og;
+                      const T* gp = grow + ow * g.O;
+                      for (int64_t o = 0; o < Og; ++o) ws[o] += v[0] * gp[o];
+                      for (int q = 0; q <= K; ++q) {
+                        T* rq = r0 + q * Og;
+                        const T vq = v[1 + q];
+                        for (int64_t o = 0; o < Og; ++o) rq[o] += vq * gp[o];
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() && t.dim() == dim,
+              name, " must be a contiguous CPU tensor of ", dim, " dimensions and dtype ", like.scalar_type(),
+              ", got ", t.sizes(), " ", t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// x (N, C, D, H, W), t0 and inv_h (C,), coef ((K+1)^2 doubles), dcoef ((K+1)K doubles),
+// wp (C, taps, S, Og); kernel, stride, dilation: 3 ints each.
+Geometry geometry(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef,
+                  const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+                  at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  check_cpu(x, x, "x", 5);
+  check_cpu(t0, x, "t0", 1);
+  check_cpu(inv_h, x, "inv_h", 1);
+  check_cpu(wp, x, "packed weight", 4);
+  TORCH_CHECK(K >= 1 && K <= kMaxOrder, "spline order must be in 1..", kMaxOrder, ", got ", K);
+  TORCH_CHECK(n_knots >= 2 * K + 2, "too few knots (", n_knots, ") for spline order ", K);
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.is_contiguous() && coef.numel() == (K + 1) * (K + 1) &&
+                  dcoef.scalar_type() == at::kDouble && dcoef.is_contiguous() && dcoef.numel() == (K + 1) * K,
+              "bad piece coefficient tables");
+  TORCH_CHECK(kernel.size() == 3 && stride.size() == 3 && dilation.size() == 3, "kernel, stride, dilation: 3 ints");
+  Geometry g;
+  g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  g.kd = kernel[0], g.kh = kernel[1], g.kw = kernel[2];
+  g.sd = stride[0], g.sh = stride[1], g.sw = stride[2];
+  g.dd = dilation[0], g.dh = dilation[1], g.dw = dilation[2];
+  TORCH_CHECK(g.kd >= 1 && g.kh >= 1 && g.kw >= 1 && g.sd >= 1 && g.sh >= 1 && g.sw >= 1 && g.dd >= 1 && g.dh >= 1 &&
+                  g.dw >= 1, "kernel, stride and dilation must be positive");
+  TORCH_CHECK(t0.size(0) == g.C && inv_h.size(0) == g.C, "t0 and inv_h need one entry per input channel");
+  TORCH_CHECK(groups >= 1 && g.C % groups == 0, "groups must divide the input channels");
+  g.groups = groups;
+  g.Cg = g.C / groups;
+  g.S = n_knots + K;
+  TORCH_CHECK(wp.size(0) == g.C && wp.size(1) == g.taps() && wp.size(2) == g.S,
+              "packed weight must be (C, taps, n_knots + K, O / groups), got ", wp.sizes());
+  g.Og = wp.size(3);
+  g.O = g.Og * groups;
+  g.Do = (g.D - g.dd * (g.kd - 1) - 1) / g.sd + 1;
+  g.Ho = (g.H - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.D >= g.dd * (g.kd - 1) + 1 && g.H >= g.dh * (g.kh - 1) + 1 && g.W >= g.dw * (g.kw - 1) + 1,
+              "input smaller than the (dilated) kernel");
+  return g;
+}
+
+// Calls f.template operator()<KC>() with KC the compile-time order (1..5) or 0 (run-time order).
+template <typename F>
+void dispatch_order(int64_t K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    default: f(std::integral_constant<int, 0>());
+  }
+}
+
+void forward(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef,
+             const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+             at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(out, x, "out", 5);
+  TORCH_CHECK(out.size(0) == g.N && out.size(1) == g.Do && out.size(2) == g.Ho && out.size(3) == g.Wo &&
+              out.size(4) == g.O, "out must be (N, Do, Ho, Wo, O), got ", out.sizes());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_forward", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      forward_impl<scalar_t, decltype(kc)::value>(x.data_ptr<scalar_t>(), t0.data_ptr<scalar_t>(),
+                                                  inv_h.data_ptr<scalar_t>(), tab, wp.data_ptr<scalar_t>(), g,
+                                                  int(K), n_knots, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+void grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+                const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+                at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+                at::Tensor out) {
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(grad_out, x, "grad_out", 5);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
+              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
+              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
+  check_cpu(out, x, "out", 5);
+  TORCH_CHECK(out.sizes() == x.sizes(), "out must be shaped like x");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_input", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      grad_input_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                     t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
+                                                     wp.data_ptr<scalar_t>(), g, int(K), n_knots,
+                                                     out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+void grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+                 const at::Tensor& coef, const at::Tensor& dcoef, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+                 at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
+  // out is the packed weight's gradient and has the packed weight's shape.
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, out, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(grad_out, x, "grad_out", 5);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
+              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
+              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_weight", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      grad_weight_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                      t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab, g,
+                                                      int(K), n_knots, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kanvolution_sparse, m) {
+  m.def("forward(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, int n_knots, "
+        "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &forward);
+  m.def("grad_input(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, "
+        "int K, int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &grad_input);
+  m.def("grad_weight(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, int K, "
+        "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &grad_weight);
+}
