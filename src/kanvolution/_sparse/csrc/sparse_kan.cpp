@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -31,6 +32,8 @@ namespace {
 constexpr int kMaxOrder = 16;
 // The local form of the input is built batch chunk by batch chunk, each under this many bytes.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
+// The forward's tasks: blocks of output rows whose outputs take at most this many bytes.
+constexpr int64_t kRowBlockBytes = int64_t(64) << 10;
 
 struct Geometry {
   int64_t N, C, D, H, W;  // padded input
@@ -108,6 +111,84 @@ struct Tables {
   }
 };
 
+
+// The inner loops over the Og output channels of one value and one kernel tap. KC > 0 fixes the
+// order at compile time; the restrict qualifiers let the compiler keep the K + 2 values in
+// registers and vectorise over o without run-time alias checks.
+template <typename T, int KC>
+inline void axpy_rows(int K, int64_t Og, const T* __restrict__ v, const T* __restrict__ w0,
+                      const T* __restrict__ r0, T* __restrict__ acc) {
+  T c[kMaxOrder + 2];
+  for (int r = 0; r < K + 2; ++r) c[r] = v[r];
+  for (int64_t o = 0; o < Og; ++o) {
+    T sum = acc[o] + c[0] * w0[o];
+    for (int r = 0; r < (KC > 0 ? KC + 1 : K + 1); ++r) sum += c[1 + r] * r0[r * Og + o];
+    acc[o] = sum;
+  }
+}
+
+// One 64-byte vector of T (GCC/Clang vector extension): accumulators the compiler keeps in registers.
+template <typename T>
+struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+};
+
+// sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
+// the K + 1 rows from r0_t. Accumulated in registers, one vector per row, reduced once at the end.
+template <typename T, int KC>
+inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* const* w0s, const T* const* r0s,
+                     T* sums) {
+  using V = Vec64<T>;
+  using vec = typename V::type;
+  constexpr int LW = V::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int R = KC > 0 ? KC + 1 : K + 1;
+  vec a0 = {};
+  vec ar[RMAX];
+  for (int r = 0; r < RMAX; ++r) ar[r] = vec{};
+  T tail[kMaxOrder + 2] = {};
+  const int64_t Ov = Og / LW * LW;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* g = gs[t];
+    const T* w0 = w0s[t];
+    const T* r0 = r0s[t];
+    for (int64_t ob = 0; ob < Ov; ob += LW) {
+      const vec gv = V::load(g + ob);
+      a0 += gv * V::load(w0 + ob);
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r) ar[r] += gv * V::load(r0 + r * Og + ob);
+    }
+    for (int64_t o = Ov; o < Og; ++o) {
+      tail[0] += g[o] * w0[o];
+      for (int r = 0; r < R; ++r) tail[1 + r] += g[o] * r0[r * Og + o];
+    }
+  }
+  sums[0] = tail[0];
+  for (int l = 0; l < LW; ++l) sums[0] += a0[l];
+  for (int r = 0; r < R; ++r) {
+    sums[1 + r] = tail[1 + r];
+    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][l];
+  }
+}
+
+template <typename T, int KC>
+inline void scatter_rows(int K, int64_t Og, const T* __restrict__ v, const T* __restrict__ g,
+                         T* __restrict__ w0, T* __restrict__ r0) {
+  T c[kMaxOrder + 2];
+  for (int r = 0; r < K + 2; ++r) c[r] = v[r];
+  for (int64_t o = 0; o < Og; ++o) {
+    const T gv = g[o];
+    w0[o] += c[0] * gv;
+    for (int r = 0; r < (KC > 0 ? KC + 1 : K + 1); ++r) r0[r * Og + o] += c[1 + r] * gv;
+  }
+}
+
 int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
   const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
   const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
@@ -126,29 +207,30 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    // A task is a block of output rows of one sample, sized so that its outputs stay in L2: each
+    // weight slice is then loaded once per block rather than once per row.
+    const int64_t rows = std::max<int64_t>(1, std::min(g.Ho, kRowBlockBytes / int64_t(g.Wo * g.O * sizeof(T))));
+    const int64_t blocks = (g.Ho + rows - 1) / rows;
+    at::parallel_for(0, nn * g.Do * blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
-        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
-        std::fill(orow, orow + g.Wo * g.O, T(0));
+        const int64_t nl = task / (g.Do * blocks), od = task / blocks % g.Do;
+        const int64_t oh0 = task % blocks * rows, oh1 = std::min(g.Ho, oh0 + rows);
+        T* oblock = out + (((n0 + nl) * g.Do + od) * g.Ho + oh0) * g.Wo * g.O;
+        std::fill(oblock, oblock + (oh1 - oh0) * g.Wo * g.O, T(0));
         for (int64_t c = 0; c < g.C; ++c) {
           const int64_t ocol = c / g.Cg * Og;
           for (int64_t a = 0; a < g.kd; ++a) {
             for (int64_t b = 0; b < g.kh; ++b) {
-              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
-              const T* vrow = loc.vals.data() + in_row * g.W * V;
-              const int32_t* rrow = loc.row.data() + in_row * g.W;
               for (int64_t e = 0; e < g.kw; ++e) {
                 const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                for (int64_t ow = 0; ow < g.Wo; ++ow) {
-                  const int64_t w = ow * g.sw + e * g.dw;
-                  const T* v = vrow + w * V;
-                  const T* r0 = ws + rrow[w] * Og;
-                  T* acc = orow + ow * g.O + ocol;
-                  for (int64_t o = 0; o < Og; ++o) {
-                    T sum = acc[o] + v[0] * ws[o];
-                    for (int r = 0; r <= K; ++r) sum += v[1 + r] * r0[r * Og + o];
-                    acc[o] = sum;
+                for (int64_t oh = oh0; oh < oh1; ++oh) {
+                  const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+                  const T* vrow = loc.vals.data() + in_row * g.W * V;
+                  const int32_t* rrow = loc.row.data() + in_row * g.W;
+                  T* orow = oblock + (oh - oh0) * g.Wo * g.O + ocol;
+                  for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                    const int64_t w = ow * g.sw + e * g.dw;
+                    axpy_rows<T, KC>(K, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O);
                   }
                 }
               }
@@ -174,8 +256,9 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     // One task per input row of one channel: (n, c, d, h).
     at::parallel_for(0, nn * g.C * g.D * g.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> acc(V * Og);
+      std::vector<const T*> gps(taps), w0s(taps), r0s(taps);
       std::vector<int64_t> tap_od, tap_oh;  // valid (tap, output index) pairs of this row
+      T sums[kMaxOrder + 2];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t h = task % g.H, d = task / g.H % g.D, c = task / (g.H * g.D) % g.C;
         const int64_t nl = task / (g.H * g.D * g.C);
@@ -195,33 +278,24 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
         for (int64_t w = 0; w < g.W; ++w) {
           const int64_t i = in_row * g.W + w;
           const int32_t r = loc.row[i];
-          std::fill(acc.begin(), acc.end(), T(0));
+          int64_t n_taps = 0;
           for (size_t ia = 0; ia < tap_od.size(); ia += 2) {
             for (size_t ib = 0; ib < tap_oh.size(); ib += 2) {
               const int64_t a = tap_od[ia], od = tap_od[ia + 1], b = tap_oh[ib], oh = tap_oh[ib + 1];
               for (int64_t e = 0; e < g.kw; ++e) {
                 const int64_t t = w - e * g.dw;
                 if (t < 0 || t % g.sw != 0 || t / g.sw >= g.Wo) continue;
-                const T* gp = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
                 const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                const T* r0 = ws + r * Og;
-                T* a0 = acc.data();
-                for (int64_t o = 0; o < Og; ++o) a0[o] += gp[o] * ws[o];
-                for (int q = 0; q <= K; ++q) {
-                  T* aq = a0 + (1 + q) * Og;
-                  const T* rq = r0 + q * Og;
-                  for (int64_t o = 0; o < Og; ++o) aq[o] += gp[o] * rq[o];
-                }
+                gps[n_taps] = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
+                w0s[n_taps] = ws;
+                r0s[n_taps++] = ws + r * Og;
               }
             }
           }
+          dot_taps<T, KC>(K, Og, n_taps, gps.data(), w0s.data(), r0s.data(), sums);
           const T* dv = loc.dvals.data() + i * V;
           T total = T(0);
-          for (int s = 0; s < V; ++s) {
-            T dot = T(0);
-            for (int64_t o = 0; o < Og; ++o) dot += acc[s * Og + o];
-            total += dv[s] * dot;
-          }
+          for (int s = 0; s < V; ++s) total += dv[s] * sums[s];
           gxrow[w] = total;
         }
       }
@@ -262,12 +336,7 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
                       const T* v = vrow + w * V;
                       T* r0 = ws + rrow[w] * Og;
                       const T* gp = grow + ow * g.O;
-                      for (int64_t o = 0; o < Og; ++o) ws[o] += v[0] * gp[o];
-                      for (int q = 0; q <= K; ++q) {
-                        T* rq = r0 + q * Og;
-                        const T vq = v[1 + q];
-                        for (int64_t o = 0; o < Og; ++o) rq[o] += vq * gp[o];
-                      }
+                      scatter_rows<T, KC>(K, Og, v, gp, ws, r0);
                     }
                   }
                 }
