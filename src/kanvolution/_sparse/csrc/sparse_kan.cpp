@@ -177,18 +177,6 @@ inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* 
   }
 }
 
-template <typename T, int KC>
-inline void scatter_rows(int K, int64_t Og, const T* __restrict__ v, const T* __restrict__ g,
-                         T* __restrict__ w0, T* __restrict__ r0) {
-  T c[kMaxOrder + 2];
-  for (int r = 0; r < K + 2; ++r) c[r] = v[r];
-  for (int64_t o = 0; o < Og; ++o) {
-    const T gv = g[o];
-    w0[o] += c[0] * gv;
-    for (int r = 0; r < (KC > 0 ? KC + 1 : K + 1); ++r) r0[r * Og + o] += c[1 + r] * gv;
-  }
-}
-
 int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
   const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
   const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
@@ -303,14 +291,32 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   }
 }
 
-// gw[c][tap][slot][o] += local value * grad_out; one task per input channel, so no two threads
-// write the same rows and no per-thread copies are needed.
+// gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
+// the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
+// span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
+// registers (two vectors of output channels at a time) and each row is written once per bucket.
 template <typename T, int KC>
 void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
                       const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
   const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2;
+  const int V = K + 2, R = K + 1;
   const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t Ov = Og / (2 * LW) * (2 * LW);
+  const int64_t n_buckets = n_knots - 1;
+  // Output index along each dimension of input index i through kernel offset k (-1: none).
+  auto table = [](int64_t n_in, int64_t n_out, int64_t k, int64_t s, int64_t dl) {
+    std::vector<int64_t> t(k * n_in, -1);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = j * dl; i < n_in; ++i)
+        if ((i - j * dl) % s == 0 && (i - j * dl) / s < n_out) t[j * n_in + i] = (i - j * dl) / s;
+    return t;
+  };
+  const auto od_of = table(g.D, g.Do, g.kd, g.sd, g.dd), oh_of = table(g.H, g.Ho, g.kh, g.sh, g.dh),
+             ow_of = table(g.W, g.Wo, g.kw, g.sw, g.dw);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
   Local<T> loc(K, chunk * g.C * L, false);
   std::fill(gw, gw + g.C * taps * S * Og, T(0));
@@ -318,26 +324,76 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> start(n_buckets + 1), order(L), out_pos(L);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t ocol = c / g.Cg * Og;
         for (int64_t nl = 0; nl < nn; ++nl) {
-          for (int64_t od = 0; od < g.Do; ++od) {
-            for (int64_t oh = 0; oh < g.Ho; ++oh) {
-              const T* grow = go + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O + ocol;
-              for (int64_t a = 0; a < g.kd; ++a) {
-                for (int64_t b = 0; b < g.kh; ++b) {
-                  const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
-                  const T* vrow = loc.vals.data() + in_row * g.W * V;
-                  const int32_t* rrow = loc.row.data() + in_row * g.W;
-                  for (int64_t e = 0; e < g.kw; ++e) {
-                    T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                    for (int64_t ow = 0; ow < g.Wo; ++ow) {
-                      const int64_t w = ow * g.sw + e * g.dw;
-                      const T* v = vrow + w * V;
-                      T* r0 = ws + rrow[w] * Og;
-                      const T* gp = grow + ow * g.O;
-                      scatter_rows<T, KC>(K, Og, v, gp, ws, r0);
+          const int64_t base = (nl * g.C + c) * L;
+          const int32_t* rows = loc.row.data() + base;
+          const T* vals = loc.vals.data() + base * V;
+          const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
+          // Counting sort of the positions by row (1 + span; values outside the knots have
+          // all-zero bases and sit in the first bucket).
+          std::fill(start.begin(), start.end(), 0);
+          for (int64_t q = 0; q < L; ++q) ++start[rows[q]];
+          for (int64_t b = 1; b <= n_buckets; ++b) start[b] += start[b - 1];
+          for (int64_t q = L - 1; q >= 0; --q) order[--start[rows[q]]] = q;
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              for (int64_t e = 0; e < g.kw; ++e) {
+                T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                // The output position of each input position through this tap, or -1.
+                for (int64_t d = 0, q = 0; d < g.D; ++d) {
+                  for (int64_t h = 0; h < g.H; ++h) {
+                    for (int64_t w = 0; w < g.W; ++w, ++q) {
+                      const int64_t od = od_of[a * g.D + d], oh = oh_of[b * g.H + h], ow = ow_of[e * g.W + w];
+                      out_pos[q] = (od | oh | ow) < 0 ? -1 : (od * g.Ho + oh) * g.Wo + ow;
                     }
+                  }
+                }
+                for (int64_t ob = 0; ob < Ov; ob += 2 * LW) {
+                  vec b0 = {}, b1 = {};
+                  for (int64_t bucket = 0; bucket < n_buckets; ++bucket) {
+                    if (start[bucket] == start[bucket + 1]) continue;
+                    vec s0[RMAX], s1[RMAX];
+                    for (int r = 0; r < R; ++r) s0[r] = s1[r] = vec{};
+                    for (int64_t j = start[bucket]; j < start[bucket + 1]; ++j) {
+                      const int64_t q = order[j];
+                      const int64_t p = out_pos[q];
+                      if (p < 0) continue;
+                      const T* gp = gos + p * g.O + ob;
+                      const vec g0 = Vc::load(gp), g1 = Vc::load(gp + LW);
+                      const T* v = vals + q * V;
+                      b0 += v[0] * g0;
+                      b1 += v[0] * g1;
+#pragma GCC unroll 17
+                      for (int r = 0; r < R; ++r) {
+                        s0[r] += v[1 + r] * g0;
+                        s1[r] += v[1 + r] * g1;
+                      }
+                    }
+                    T* r0 = ws + bucket * Og + ob;  // rows 1 + span .. 1 + span + K
+                    for (int r = 0; r < R; ++r) {
+                      T* row = r0 + (1 + r) * Og;
+                      const vec u0 = Vc::load(row) + s0[r], u1 = Vc::load(row + LW) + s1[r];
+                      std::memcpy(row, &u0, sizeof u0);
+                      std::memcpy(row + LW, &u1, sizeof u1);
+                    }
+                  }
+                  const vec u0 = Vc::load(ws + ob) + b0, u1 = Vc::load(ws + ob + LW) + b1;
+                  std::memcpy(ws + ob, &u0, sizeof u0);
+                  std::memcpy(ws + ob + LW, &u1, sizeof u1);
+                }
+                if (Ov == Og) continue;
+                for (int64_t q = 0; q < L; ++q) {  // the last Og % (2 * LW) output channels
+                  const int64_t p = out_pos[q];
+                  if (p < 0) continue;
+                  const T* gp = gos + p * g.O;
+                  const T* v = vals + q * V;
+                  T* r0 = ws + rows[q] * Og;
+                  for (int64_t o = Ov; o < Og; ++o) {
+                    ws[o] += v[0] * gp[o];
+                    for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
                   }
                 }
               }
