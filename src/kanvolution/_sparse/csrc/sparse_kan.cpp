@@ -324,7 +324,7 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> start(n_buckets + 1), order(L), out_pos(L);
+      std::vector<int64_t> start(n_buckets + 1), next(n_buckets), order(L), out_pos(L);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t ocol = c / g.Cg * Og;
         for (int64_t nl = 0; nl < nn; ++nl) {
@@ -335,9 +335,10 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
           // Counting sort of the positions by row (1 + span; values outside the knots have
           // all-zero bases and sit in the first bucket).
           std::fill(start.begin(), start.end(), 0);
-          for (int64_t q = 0; q < L; ++q) ++start[rows[q]];
+          for (int64_t q = 0; q < L; ++q) ++start[rows[q]];  // bucket rows[q] - 1 counted at its end
           for (int64_t b = 1; b <= n_buckets; ++b) start[b] += start[b - 1];
-          for (int64_t q = L - 1; q >= 0; --q) order[--start[rows[q]]] = q;
+          std::copy(start.begin(), start.end() - 1, next.begin());
+          for (int64_t q = 0; q < L; ++q) order[next[rows[q] - 1]++] = q;
           for (int64_t a = 0; a < g.kd; ++a) {
             for (int64_t b = 0; b < g.kh; ++b) {
               for (int64_t e = 0; e < g.kw; ++e) {
