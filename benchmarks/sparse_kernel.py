@@ -3,7 +3,8 @@ and ``nn.Conv2d`` of the same shape, per layer shape and grid size.
 
 Times: the three candidates are run interleaved in one process (warm-up, then ``--reps`` rounds,
 each candidate once per round), medians and ratios to ``nn.Conv2d`` from that same run, for each
-thread count of ``--threads``. Peak memory: each candidate runs one forward + backward in a fresh
+thread count of ``--threads``; both wall-clock time and the process's CPU time (summed over its
+threads), which is less disturbed when other jobs share the cores. Peak memory: each candidate runs one forward + backward in a fresh
 process, and the growth of the resident set's high-water mark (Linux ``VmHWM``, everything the
 process touched: tensors and the kernels' scratch buffers) over the state after set-up is reported.
 
@@ -72,21 +73,27 @@ def time_all(threads: int, reps: int) -> list[dict]:
             steps = {c: make_step(c, cin, cout, shape, gs) for c in CANDIDATES}
             for step in steps.values():
                 step()
-            times = {c: [] for c in CANDIDATES}
+            wall = {c: [] for c in CANDIDATES}
+            cpu = {c: [] for c in CANDIDATES}
             for _ in range(reps):
                 for c, step in steps.items():
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     step()
-                    times[c].append(time.perf_counter() - start)
-            med = {c: statistics.median(v) for c, v in times.items()}
+                    wall[c].append(time.perf_counter() - start)
+                    cpu[c].append(time.process_time() - start_cpu)
+            med = {c: statistics.median(v) for c, v in wall.items()}
+            med_cpu = {c: statistics.median(v) for c, v in cpu.items()}
             row = {"layer": name, "input": list(shape), "gs": gs, "threads": threads,
                    "ms": {c: round(med[c] * 1e3, 2) for c in CANDIDATES},
                    "x_conv": {c: round(med[c] / med["conv"], 2) for c in CANDIDATES},
-                   "sparse_vs_dense": round(med["sparse"] / med["dense"], 3)}
+                   "cpu_ms": {c: round(med_cpu[c] * 1e3, 2) for c in CANDIDATES},
+                   "cpu_x_conv": {c: round(med_cpu[c] / med_cpu["conv"], 2) for c in CANDIDATES}}
             rows.append(row)
-            print(f"{threads} thr  {name:>10} gs={gs:<3} sparse {med['sparse'] * 1e3:8.1f} ms "
-                  f"({row['x_conv']['sparse']:5.2f}x)  dense {med['dense'] * 1e3:8.1f} ms "
-                  f"({row['x_conv']['dense']:5.2f}x)  conv {med['conv'] * 1e3:7.1f} ms", flush=True)
+            print(f"{threads} thr  {name:>10} gs={gs:<3} wall: sparse {med['sparse'] * 1e3:7.1f} ms "
+                  f"({row['x_conv']['sparse']:5.2f}x) dense {med['dense'] * 1e3:7.1f} ms "
+                  f"({row['x_conv']['dense']:5.2f}x) conv {med['conv'] * 1e3:6.1f} ms | cpu: sparse "
+                  f"{row['cpu_x_conv']['sparse']:5.2f}x dense {row['cpu_x_conv']['dense']:5.2f}x "
+                  f"conv {med_cpu['conv'] * 1e3:6.1f} ms", flush=True)
     return rows
 
 
