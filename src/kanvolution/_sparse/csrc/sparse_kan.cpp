@@ -32,8 +32,6 @@ namespace {
 constexpr int kMaxOrder = 16;
 // The local form of the input is built batch chunk by batch chunk, each under this many bytes.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
-// The forward's tasks: blocks of output rows whose outputs take at most this many bytes.
-constexpr int64_t kRowBlockBytes = int64_t(64) << 10;
 
 struct Geometry {
   int64_t N, C, D, H, W;  // padded input
@@ -112,15 +110,15 @@ struct Tables {
 };
 
 
-// The inner loops over the Og output channels of one value and one kernel tap. KC > 0 fixes the
-// order at compile time; the restrict qualifiers let the compiler keep the K + 2 values in
-// registers and vectorise over o without run-time alias checks.
+// out[o] += v . (rows of one value and one kernel tap) for the output channels o in [o0, o1): the
+// forward's path for the channels left over by its vector blocks. KC > 0 fixes the order at
+// compile time; the restrict qualifiers let the compiler vectorise without run-time alias checks.
 template <typename T, int KC>
-inline void axpy_rows(int K, int64_t Og, const T* __restrict__ v, const T* __restrict__ w0,
+inline void axpy_rows(int K, int64_t o0, int64_t o1, int64_t Og, const T* __restrict__ v, const T* __restrict__ w0,
                       const T* __restrict__ r0, T* __restrict__ acc) {
   T c[kMaxOrder + 2];
   for (int r = 0; r < K + 2; ++r) c[r] = v[r];
-  for (int64_t o = 0; o < Og; ++o) {
+  for (int64_t o = o0; o < o1; ++o) {
     T sum = acc[o] + c[0] * w0[o];
     for (int r = 0; r < (KC > 0 ? KC + 1 : K + 1); ++r) sum += c[1 + r] * r0[r * Og + o];
     acc[o] = sum;
@@ -177,6 +175,47 @@ inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* 
   }
 }
 
+// The positions of one channel of one sample, sorted by row (1 + knot span) with a counting sort:
+// bucket b (row 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero
+// bases and sit in the first bucket.
+struct SpanOrder {
+  std::vector<int64_t> start, next, order;
+  SpanOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L) {}
+  int64_t buckets() const { return int64_t(next.size()); }
+  void sort(const int32_t* rows, int64_t L) {
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t q = 0; q < L; ++q) ++start[rows[q]];  // bucket rows[q] - 1 counted at its end
+    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
+    std::copy(start.begin(), start.end() - 1, next.begin());
+    for (int64_t q = 0; q < L; ++q) order[next[rows[q] - 1]++] = q;
+  }
+};
+
+// Output position of every input position through one kernel tap (-1: it feeds no output there).
+struct TapMap {
+  std::vector<int64_t> od_of, oh_of, ow_of;  // per dimension: [offset * n_in + i] -> output index or -1
+  static std::vector<int64_t> table(int64_t n_in, int64_t n_out, int64_t k, int64_t s, int64_t dl) {
+    std::vector<int64_t> t(k * n_in, -1);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = j * dl; i < n_in; ++i)
+        if ((i - j * dl) % s == 0 && (i - j * dl) / s < n_out) t[j * n_in + i] = (i - j * dl) / s;
+    return t;
+  }
+  explicit TapMap(const Geometry& g)
+      : od_of(table(g.D, g.Do, g.kd, g.sd, g.dd)), oh_of(table(g.H, g.Ho, g.kh, g.sh, g.dh)),
+        ow_of(table(g.W, g.Wo, g.kw, g.sw, g.dw)) {}
+  void fill(const Geometry& g, int64_t a, int64_t b, int64_t e, int64_t* out_pos) const {
+    for (int64_t d = 0, q = 0; d < g.D; ++d) {
+      for (int64_t h = 0; h < g.H; ++h) {
+        for (int64_t w = 0; w < g.W; ++w, ++q) {
+          const int64_t od = od_of[a * g.D + d], oh = oh_of[b * g.H + h], ow = ow_of[e * g.W + w];
+          out_pos[q] = (od | oh | ow) < 0 ? -1 : (od * g.Ho + oh) * g.Wo + ow;
+        }
+      }
+    }
+  }
+};
+
 int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
   const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
   const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
@@ -184,42 +223,91 @@ int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
 }
 
 // out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
+// Output channels in blocks of two vectors: one task per (sample, group, block). The positions of a
+// channel are bucketed by knot span; for one tap, every value of a bucket reads the same K + 2
+// weight rows, which stay in registers while the bucket's outputs are updated.
 template <typename T, int KC>
 void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp, const Geometry& g,
                   int k_rt, int64_t n_knots, T* out) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
   const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2;
-  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int V = K + 2, R = K + 1;
+  const int64_t L = g.in_size(), P = g.out_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t n_blocks = Og / (2 * LW), Ov = n_blocks * 2 * LW;
+  const TapMap map(g);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // A task is a block of output rows of one sample, sized so that its outputs stay in L2: each
-    // weight slice is then loaded once per block rather than once per row.
-    const int64_t rows = std::max<int64_t>(1, std::min(g.Ho, kRowBlockBytes / int64_t(g.Wo * g.O * sizeof(T))));
-    const int64_t blocks = (g.Ho + rows - 1) / rows;
-    at::parallel_for(0, nn * g.Do * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
+    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      std::vector<int64_t> out_pos(L);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.Do * blocks), od = task / blocks % g.Do;
-        const int64_t oh0 = task % blocks * rows, oh1 = std::min(g.Ho, oh0 + rows);
-        T* oblock = out + (((n0 + nl) * g.Do + od) * g.Ho + oh0) * g.Wo * g.O;
-        std::fill(oblock, oblock + (oh1 - oh0) * g.Wo * g.O, T(0));
+        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
+        const int64_t ob = task % n_blocks * 2 * LW;
+        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+        for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
+          const int64_t base = (nl * g.C + c) * L;
+          const T* vals = loc.vals.data() + base * V;
+          sorted.sort(loc.row.data() + base, L);
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              for (int64_t e = 0; e < g.kw; ++e) {
+                map.fill(g, a, b, e, out_pos.data());
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og + ob;
+                const vec w0 = Vc::load(ws), w1 = Vc::load(ws + LW);
+                for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+                  if (sorted.start[bucket] == sorted.start[bucket + 1]) continue;
+                  vec r0[RMAX], r1[RMAX];
+                  for (int r = 0; r < R; ++r) {
+                    r0[r] = Vc::load(ws + (1 + bucket + r) * Og);
+                    r1[r] = Vc::load(ws + (1 + bucket + r) * Og + LW);
+                  }
+                  for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
+                    const int64_t q = sorted.order[j];
+                    const int64_t p = out_pos[q];
+                    if (p < 0) continue;
+                    const T* v = vals + q * V;
+                    T* op = os + p * g.O;
+                    vec s0 = Vc::load(op) + v[0] * w0, s1 = Vc::load(op + LW) + v[0] * w1;
+#pragma GCC unroll 17
+                    for (int r = 0; r < R; ++r) {
+                      s0 += v[1 + r] * r0[r];
+                      s1 += v[1 + r] * r1[r];
+                    }
+                    std::memcpy(op, &s0, sizeof s0);
+                    std::memcpy(op + LW, &s1, sizeof s1);
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+    if (Ov == Og) continue;
+    // The last Og % (2 * LW) output channels of each group: value by value over output rows.
+    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
+        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
         for (int64_t c = 0; c < g.C; ++c) {
           const int64_t ocol = c / g.Cg * Og;
           for (int64_t a = 0; a < g.kd; ++a) {
             for (int64_t b = 0; b < g.kh; ++b) {
+              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+              const T* vrow = loc.vals.data() + in_row * g.W * V;
+              const int32_t* rrow = loc.row.data() + in_row * g.W;
               for (int64_t e = 0; e < g.kw; ++e) {
                 const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                for (int64_t oh = oh0; oh < oh1; ++oh) {
-                  const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
-                  const T* vrow = loc.vals.data() + in_row * g.W * V;
-                  const int32_t* rrow = loc.row.data() + in_row * g.W;
-                  T* orow = oblock + (oh - oh0) * g.Wo * g.O + ocol;
-                  for (int64_t ow = 0; ow < g.Wo; ++ow) {
-                    const int64_t w = ow * g.sw + e * g.dw;
-                    axpy_rows<T, KC>(K, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O);
-                  }
+                for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                  const int64_t w = ow * g.sw + e * g.dw;
+                  axpy_rows<T, KC>(K, Ov, Og, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O + ocol);
                 }
               }
             }
@@ -306,17 +394,7 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
   const int V = K + 2, R = K + 1;
   const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
   const int64_t Ov = Og / (2 * LW) * (2 * LW);
-  const int64_t n_buckets = n_knots - 1;
-  // Output index along each dimension of input index i through kernel offset k (-1: none).
-  auto table = [](int64_t n_in, int64_t n_out, int64_t k, int64_t s, int64_t dl) {
-    std::vector<int64_t> t(k * n_in, -1);
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t i = j * dl; i < n_in; ++i)
-        if ((i - j * dl) % s == 0 && (i - j * dl) / s < n_out) t[j * n_in + i] = (i - j * dl) / s;
-    return t;
-  };
-  const auto od_of = table(g.D, g.Do, g.kd, g.sd, g.dd), oh_of = table(g.H, g.Ho, g.kh, g.sh, g.dh),
-             ow_of = table(g.W, g.Wo, g.kw, g.sw, g.dw);
+  const TapMap map(g);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
   Local<T> loc(K, chunk * g.C * L, false);
   std::fill(gw, gw + g.C * taps * S * Og, T(0));
@@ -324,7 +402,8 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> start(n_buckets + 1), next(n_buckets), order(L), out_pos(L);
+      SpanOrder sorted(n_knots - 1, L);
+      std::vector<int64_t> out_pos(L);
       for (int64_t c = begin; c < end; ++c) {
         const int64_t ocol = c / g.Cg * Og;
         for (int64_t nl = 0; nl < nn; ++nl) {
@@ -332,34 +411,19 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
           const int32_t* rows = loc.row.data() + base;
           const T* vals = loc.vals.data() + base * V;
           const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
-          // Counting sort of the positions by row (1 + span; values outside the knots have
-          // all-zero bases and sit in the first bucket).
-          std::fill(start.begin(), start.end(), 0);
-          for (int64_t q = 0; q < L; ++q) ++start[rows[q]];  // bucket rows[q] - 1 counted at its end
-          for (int64_t b = 1; b <= n_buckets; ++b) start[b] += start[b - 1];
-          std::copy(start.begin(), start.end() - 1, next.begin());
-          for (int64_t q = 0; q < L; ++q) order[next[rows[q] - 1]++] = q;
+          sorted.sort(rows, L);
           for (int64_t a = 0; a < g.kd; ++a) {
             for (int64_t b = 0; b < g.kh; ++b) {
               for (int64_t e = 0; e < g.kw; ++e) {
                 T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                // The output position of each input position through this tap, or -1.
-                for (int64_t d = 0, q = 0; d < g.D; ++d) {
-                  for (int64_t h = 0; h < g.H; ++h) {
-                    for (int64_t w = 0; w < g.W; ++w, ++q) {
-                      const int64_t od = od_of[a * g.D + d], oh = oh_of[b * g.H + h], ow = ow_of[e * g.W + w];
-                      out_pos[q] = (od | oh | ow) < 0 ? -1 : (od * g.Ho + oh) * g.Wo + ow;
-                    }
-                  }
-                }
+                map.fill(g, a, b, e, out_pos.data());
                 for (int64_t ob = 0; ob < Ov; ob += 2 * LW) {
                   vec b0 = {}, b1 = {};
-                  for (int64_t bucket = 0; bucket < n_buckets; ++bucket) {
-                    if (start[bucket] == start[bucket + 1]) continue;
+                  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
                     vec s0[RMAX], s1[RMAX];
                     for (int r = 0; r < R; ++r) s0[r] = s1[r] = vec{};
-                    for (int64_t j = start[bucket]; j < start[bucket + 1]; ++j) {
-                      const int64_t q = order[j];
+                    for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
+                      const int64_t q = sorted.order[j];
                       const int64_t p = out_pos[q];
                       if (p < 0) continue;
                       const T* gp = gos + p * g.O + ob;
