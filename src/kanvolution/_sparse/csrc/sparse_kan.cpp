@@ -55,7 +55,7 @@ inline T horner(const T* c, int n, T f) {
 
 // Local form of a batch chunk, channel-first like the input: for value i (i = (n * C + c) * L + l)
 // vals[i * V .. i * V + V) = [silu(x), b_0, .., b_K] and row[i] = 1 + m (the packed slot of b_0);
-// with derivatives, dvals holds [silu'(x), b_0' / h, .., b_K' / h].
+// with derivatives, dvals holds their derivatives in x: [silu'(x), b_0'(f) / h, .., b_K'(f) / h].
 template <typename T>
 struct Local {
   int K, V;
