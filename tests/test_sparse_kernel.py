@@ -162,8 +162,9 @@ def test_bad_input_raises():
         _sparse.kan_conv(x.double(), t0, inv_h, weight.double(), 3)
     with pytest.raises(ValueError, match="weight must be"):
         _sparse.kan_conv(x, t0, inv_h, weight[..., 0], 3)
-    with pytest.raises(ValueError, match="groups=3"):
-        _sparse.kan_conv(x, t0, inv_h, weight, 3, groups=3)
+    for groups in (3, 0):
+        with pytest.raises(ValueError, match=f"groups={groups}"):
+            _sparse.kan_conv(x, t0, inv_h, weight, 3, groups=groups)
     with pytest.raises(ValueError, match="stride must be"):
         _sparse.kan_conv(x, t0, inv_h, weight, 3, stride=0)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):

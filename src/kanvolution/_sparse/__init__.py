@@ -124,11 +124,11 @@ def _check(x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int], sp
         raise TypeError(f"x must be a float32 or float64 CPU tensor, got {x.dtype} on {x.device}")
     if not isinstance(spline_order, int) or not 1 <= spline_order <= 16:
         raise ValueError(f"spline_order must be an int in 1..16, got {spline_order!r}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive int dividing the {x.shape[1]} input channels")
     if len(weight_shape) != ndim + 2 or weight_shape[0] % groups:
         raise ValueError(f"weight must be (O, C/groups * (G+K+1), *kernel) with {ndim} kernel dims and O divisible "
                          f"by groups={groups}, got {tuple(weight_shape)}")
-    if groups < 1 or x.shape[1] % groups:
-        raise ValueError(f"groups={groups} must divide the {x.shape[1]} input channels")
     cg = x.shape[1] // groups
     if weight_shape[1] % cg:
         raise ValueError(f"weight dimension 1 ({weight_shape[1]}) must be C/groups ({cg}) times G+K+1")
