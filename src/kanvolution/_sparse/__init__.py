@@ -1,0 +1,303 @@
+"""Direct sparse KAN convolution on CPU: each value touches only its ``K + 1`` non-zero B-splines.
+
+The dense fused path convolves the expansion ``[silu(x), B_0(x), .., B_{G+K-1}(x)]`` with the
+combined weight (``G + K + 1`` multiply-adds per kernel tap and output channel). These kernels
+reduce each input value to ``[silu(x), b_0(f), .., b_K(f)]`` and its knot span ``m`` and add
+``K + 2`` weight rows per tap, whatever the grid size (``csrc/sparse_kan.cpp``).
+
+Scope: CPU, float32/float64, uniform knots (one spacing per channel, as
+:func:`kanvolution.functional.uniform_knots` makes them), spline order ``1 <= K <= 16``, the SiLU
+base term; 1-d, 2-d and 3-d convolutions (stride, dilation, groups; the input already padded) and
+the dense layer (``ndim = 0``: ``x`` is ``(N, C)``, ``weight`` is ``(O, C * (G+K+1))``).
+
+The weights are the fused path's combined layout ``(O, C/groups * (G+K+1), *kernel)`` (see
+:func:`kanvolution.functional.combine_weights`); internally they are packed by
+:func:`pack_weight` into ``(C, taps, G+3K+1, O/groups)``: for input channel ``c`` and kernel tap
+``u``, row 0 the base weight, rows ``1..K`` zero, row ``1+K+g`` the coefficient of basis ``g``, then
+``K`` zero rows, each row the ``O/groups`` output channels of ``c``'s group. A value in span ``m``
+then reads rows ``1+m .. 1+m+K`` with no bounds test at the ends of the grid.
+
+Examples:
+    >>> import torch
+    >>> from kanvolution import functional as KF
+    >>> from kanvolution import _sparse
+    >>> grid = KF.uniform_knots(5, 3, channels=2, dtype=torch.float64)
+    >>> weight = torch.randn(4, 2 * 9, 3, 3, dtype=torch.float64)
+    >>> x = torch.rand(1, 2, 6, 6, dtype=torch.float64) * 2 - 1
+    >>> out = _sparse.kan_conv(x, *_sparse.knot_params(grid), weight, 3)
+    >>> expanded = KF.expand_bases(x, grid, 3)
+    >>> torch.allclose(out, torch.nn.functional.conv2d(expanded, weight))
+    True
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._loader import load
+
+__all__ = [
+    "available",
+    "knot_params",
+    "pack_weight",
+    "unpack_weight",
+    "kan_conv",
+    "kan_conv_grad_input",
+    "kan_conv_grad_weight",
+    "SparseKANFunction",
+    "sparse_kan",
+]
+
+_IntOrTuple = Union[int, Sequence[int]]
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the kernels can be built (builds them on the first call)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _coefficients(spline_order: int) -> tuple[Tensor, Tensor]:
+    """Monomial coefficients of the ``K + 1`` pieces (``coef[r][p]``) and of their derivatives."""
+    from ..functional import _uniform_pieces
+
+    A, D = _uniform_pieces(spline_order)
+    K = spline_order
+    coef = torch.tensor([[float(A[p][r]) for p in range(K + 1)] for r in range(K + 1)], dtype=torch.float64)
+    dcoef = torch.tensor([[float(D[p][r]) for p in range(K)] for r in range(K + 1)], dtype=torch.float64)
+    return coef.reshape(-1).contiguous(), dcoef.reshape(-1).contiguous()
+
+
+def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
+    """First knot ``t0`` and inverse spacing ``inv_h`` of each channel of uniform knots.
+
+    Args:
+        grid: ``(C, G + 2K + 1)`` knots, uniform along the last dimension.
+
+    Returns:
+        Two contiguous ``(C,)`` tensors.
+
+    Raises:
+        ValueError: if some channel's knots are not uniform (adapted knots: use the dense path).
+    """
+    from ..functional import _uniform_spacing
+
+    if grid.dim() != 2 or grid.shape[1] < 4:
+        raise ValueError(f"grid must be (C, G + 2K + 1) knots, got shape {tuple(grid.shape)}")
+    spacing = _uniform_spacing(grid)
+    if spacing is None:
+        raise ValueError("the sparse kernels need uniform knots; these are not uniform (use the dense path)")
+    return grid[:, 0].contiguous(), (1.0 / spacing).contiguous()
+
+
+def _geometry(ndim: int, value: _IntOrTuple, name: str) -> list[int]:
+    """A per-dimension argument as the kernels' three ints (leading dimensions of size 1)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        values = [value] * ndim
+    else:
+        values = [int(v) for v in value]
+        if len(values) != ndim:
+            raise ValueError(f"{name} must be an int or {ndim} ints, got {value!r}")
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return [1] * (3 - ndim) + values
+
+
+def _as_5d(t: Tensor, ndim: int) -> Tensor:
+    return t.reshape(t.shape[:2] + (1,) * (3 - ndim) + t.shape[2:])
+
+
+def _check(x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int], spline_order: int, groups: int) -> int:
+    """Validate the common arguments; returns ``ndim`` (0 for the dense layer)."""
+    ndim = x.dim() - 2
+    if not 0 <= ndim <= 3:
+        raise ValueError(f"x must be (N, C) or (N, C, *spatial) with 1 to 3 spatial dims, got {tuple(x.shape)}")
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be a float32 or float64 CPU tensor, got {x.dtype} on {x.device}")
+    if not isinstance(spline_order, int) or not 1 <= spline_order <= 16:
+        raise ValueError(f"spline_order must be an int in 1..16, got {spline_order!r}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"groups={groups!r} must be a positive int dividing the {x.shape[1]} input channels")
+    if len(weight_shape) != ndim + 2 or weight_shape[0] % groups:
+        raise ValueError(f"weight must be (O, C/groups * (G+K+1), *kernel) with {ndim} kernel dims and O divisible "
+                         f"by groups={groups}, got {tuple(weight_shape)}")
+    cg = x.shape[1] // groups
+    if weight_shape[1] % cg:
+        raise ValueError(f"weight dimension 1 ({weight_shape[1]}) must be C/groups ({cg}) times G+K+1")
+    for name, t in (("t0", t0), ("inv_h", inv_h)):
+        if t.shape != (x.shape[1],) or t.dtype != x.dtype:
+            raise ValueError(f"{name} must be ({x.shape[1]},) of dtype {x.dtype}, got {tuple(t.shape)} {t.dtype}")
+    return ndim
+
+
+def pack_weight(weight: Tensor, in_channels: int, groups: int, spline_order: int) -> Tensor:
+    """Combined ``(O, C/groups * (G+K+1), *kernel)`` weight to the kernels' ``(C, taps, G+3K+1, O/groups)``.
+
+    Examples:
+        >>> w = torch.arange(2 * 2 * 4.0).reshape(2, 2 * 4, 1)   # O = 2, C = 2, G+K+1 = 4 (K = 1)
+        >>> pack_weight(w, 2, 1, 1)[1, 0]                       # channel 1: base, zero, 3 bases, zero
+        tensor([[ 4., 12.],
+                [ 0.,  0.],
+                [ 5., 13.],
+                [ 6., 14.],
+                [ 7., 15.],
+                [ 0.,  0.]])
+    """
+    o, k, cg = weight.shape[0], spline_order, in_channels // groups
+    slots = weight.shape[1] // cg
+    taps = weight[0, 0].numel()
+    w = weight.reshape(groups, o // groups, cg, slots, taps).permute(0, 2, 4, 3, 1).reshape(in_channels, taps, slots, -1)
+    packed = w.new_zeros((in_channels, taps, slots + 2 * k, o // groups))
+    packed[:, :, 0] = w[:, :, 0]
+    packed[:, :, 1 + k : k + slots] = w[:, :, 1:]
+    return packed
+
+
+def unpack_weight(packed: Tensor, weight_shape: Sequence[int], groups: int, spline_order: int) -> Tensor:
+    """Inverse of :func:`pack_weight` (the zero rows are dropped): a packed gradient to the combined layout.
+
+    Examples:
+        >>> w = torch.randn(6, 2 * 7, 3, 3)
+        >>> torch.equal(unpack_weight(pack_weight(w, 4, 2, 2), w.shape, 2, 2), w)
+        True
+    """
+    in_channels, taps, _, og = packed.shape
+    k, cg = spline_order, in_channels // groups
+    w = torch.cat([packed[:, :, :1], packed[:, :, 1 + k : packed.shape[2] - k]], dim=2)
+    slots = w.shape[2]
+    w = w.reshape(groups, cg, taps, slots, og).permute(0, 4, 1, 3, 2)
+    return w.reshape(tuple(weight_shape))
+
+
+class _Conv:
+    """The arguments of one call, resolved for the kernels (5-d input, 3-int geometry)."""
+
+    def __init__(self, x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int], spline_order: int,
+                 stride: _IntOrTuple, dilation: _IntOrTuple, groups: int):
+        self.ndim = _check(x, t0, inv_h, weight_shape, spline_order, groups)
+        self.x = _as_5d(x, self.ndim).contiguous()
+        self.t0, self.inv_h = t0.contiguous(), inv_h.contiguous()
+        self.weight_shape = tuple(weight_shape)
+        self.K, self.groups = spline_order, groups
+        self.n_knots = weight_shape[1] // (x.shape[1] // groups) + spline_order
+        if self.n_knots < 2 * spline_order + 2:
+            raise ValueError(f"weight dimension 1 ({weight_shape[1]}) leaves fewer than one grid interval")
+        self.kernel = [1] * (3 - self.ndim) + list(weight_shape[2:])
+        self.stride = _geometry(self.ndim, stride, "stride")
+        self.dilation = _geometry(self.ndim, dilation, "dilation")
+        sizes = self.x.shape[2:]
+        self.out_sizes = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(sizes, self.kernel, self.stride,
+                                                                               self.dilation)]
+        if min(self.out_sizes) < 1:
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} is smaller than the dilated kernel")
+
+    def args(self) -> tuple:
+        return (self.t0, self.inv_h, *_coefficients(self.K))
+
+    def geometry(self) -> tuple:
+        return (self.K, self.n_knots, self.kernel, self.stride, self.dilation, self.groups)
+
+    def pack(self, weight: Tensor) -> Tensor:
+        return pack_weight(weight, self.x.shape[1], self.groups, self.K).contiguous()
+
+    def forward(self, packed: Tensor) -> Tensor:
+        n, o = self.x.shape[0], self.weight_shape[0]
+        out = self.x.new_empty((n, *self.out_sizes, o))
+        load().forward(self.x, *self.args(), packed, *self.geometry(), out)
+        # (N, Do, Ho, Wo, O) -> (N, O, *spatial): channels-last strides, no copy.
+        return out.reshape((n, *self.out_sizes[3 - self.ndim :], o)).movedim(-1, 1)
+
+    def _grad_out(self, grad_out: Tensor) -> Tensor:
+        n, o = grad_out.shape[:2]
+        return grad_out.movedim(1, -1).reshape((n, *self.out_sizes, o)).contiguous()
+
+    def grad_input(self, grad_out: Tensor, packed: Tensor, shape: torch.Size) -> Tensor:
+        out = torch.empty_like(self.x)
+        load().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
+        return out.reshape(shape)
+
+    def grad_weight(self, grad_out: Tensor) -> Tensor:
+        c, og = self.x.shape[1], self.weight_shape[0] // self.groups
+        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+        packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
+        load().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
+        return unpack_weight(packed, self.weight_shape, self.groups, self.K)
+
+
+def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,
+             dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+    """Forward: the convolution of ``x``'s expansion with the combined ``weight``, computed sparsely.
+
+    Args:
+        x: ``(N, C, *spatial)`` already padded (1 to 3 spatial dims), or ``(N, C)`` for the dense layer.
+        t0, inv_h: ``(C,)`` from :func:`knot_params`.
+        weight: ``(O, C/groups * (G+K+1), *kernel)`` as :func:`kanvolution.functional.combine_weights`
+            makes it (``(O, C * (G+K+1))`` for the dense layer).
+        spline_order: ``K``.
+        stride, dilation, groups: as :func:`torch.nn.functional.conv2d`.
+
+    Returns:
+        ``(N, O, *out_spatial)`` with channels-last strides (``(N, O)`` for the dense layer).
+    """
+    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
+    return conv.forward(conv.pack(weight.detach()))
+
+
+def kan_conv_grad_input(grad_out: Tensor, x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int,
+                        stride: _IntOrTuple = 1, dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+    """Gradient of :func:`kan_conv` with respect to ``x`` (same arguments, plus ``grad_out``)."""
+    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
+    return conv.grad_input(grad_out, conv.pack(weight.detach()), x.shape)
+
+
+def kan_conv_grad_weight(grad_out: Tensor, x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int],
+                         spline_order: int, stride: _IntOrTuple = 1, dilation: _IntOrTuple = 1,
+                         groups: int = 1) -> Tensor:
+    """Gradient of :func:`kan_conv` with respect to the combined weight, shaped ``weight_shape``."""
+    conv = _Conv(x, t0, inv_h, weight_shape, spline_order, stride, dilation, groups)
+    return conv.grad_weight(grad_out)
+
+
+class SparseKANFunction(torch.autograd.Function):
+    """:func:`kan_conv` with its two gradients (once differentiable); ``grid`` gives the knots."""
+
+    @staticmethod
+    def forward(ctx, x, grid, weight, spline_order, stride, dilation, groups):
+        t0, inv_h = knot_params(grid)
+        conv = _Conv(x.detach(), t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
+        packed = conv.pack(weight.detach())
+        ctx.conv, ctx.x_shape = conv, x.shape
+        ctx.save_for_backward(packed)
+        return conv.forward(packed)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (packed,) = ctx.saved_tensors
+        conv = ctx.conv
+        grad_x = conv.grad_input(grad_out, packed, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = conv.grad_weight(grad_out) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_w, None, None, None, None
+
+
+def sparse_kan(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,
+               dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+    """:func:`kan_conv` through autograd (:class:`SparseKANFunction`), knots from ``grid``.
+
+    Examples:
+        >>> from kanvolution import functional as KF
+        >>> grid = KF.uniform_knots(3, 1, channels=3, dtype=torch.float64)
+        >>> x = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)   # dense layer: 3 -> 2
+        >>> w = torch.randn(2, 3 * 5, dtype=torch.float64, requires_grad=True)
+        >>> torch.autograd.gradcheck(lambda a, b: sparse_kan(a, grid, b, 1), (x, w))
+        True
+    """
+    return SparseKANFunction.apply(x, grid, weight, spline_order, stride, dilation, groups)

@@ -1,0 +1,602 @@
+// Direct sparse KAN convolution on CPU: forward, input gradient, weight gradient.
+//
+// A value x of input channel c on uniform knots lies in span m with position f in the span; only
+// the K + 1 B-splines B_{m-K} .. B_m are non-zero there, and they are fixed polynomials of f. So
+// instead of convolving the dense expansion [silu(x), B_0(x), .., B_{G+K-1}(x)] (G + K + 1 maps per
+// channel), each value is reduced to its "local" form: K + 2 values [silu(x), b_0(f), .., b_K(f)]
+// and one row index, and every kernel tap does K + 2 multiply-adds per output channel.
+//
+// Packed weight layout (one row of Og output channels per slot, Og = O / groups):
+//   wp[c][tap][s][o], s = 0: base term; s = 1 .. K: zero rows; s = 1 + K + g: basis g;
+//   then K more zero rows (S = G + 3K + 1 = n_knots + K slots in all).
+// With the zero rows, a value in span m reads rows 1 + m .. 1 + m + K for b_0 .. b_K whatever m,
+// with no test for the bases that do not exist at the ends of the grid. Values outside the knots
+// (and NaN) get b_r = 0.
+//
+// Shapes are handled as 3-d (1-d and 2-d convolutions and the dense layer have size-1 dimensions).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxOrder = 16;
+// The local form of the input is built batch chunk by batch chunk, each under this many bytes.
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
+
+struct Geometry {
+  int64_t N, C, D, H, W;  // padded input
+  int64_t kd, kh, kw, sd, sh, sw, dd, dh, dw;
+  int64_t Do, Ho, Wo;
+  int64_t groups, Cg, Og, O;
+  int64_t S;  // packed slots
+  int64_t taps() const { return kd * kh * kw; }
+  int64_t in_size() const { return D * H * W; }
+  int64_t out_size() const { return Do * Ho * Wo; }
+};
+
+// Highest coefficient first, the order of the library's other uniform-knot code.
+template <typename T>
+inline T horner(const T* c, int n, T f) {
+  if (n == 1) return c[0];
+  T v = f * c[n - 1] + c[n - 2];
+  for (int p = n - 3; p >= 0; --p) v = v * f + c[p];
+  return v;
+}
+
+// Local form of a batch chunk, channel-first like the input: for value i (i = (n * C + c) * L + l)
+// vals[i * V .. i * V + V) = [silu(x), b_0, .., b_K] and row[i] = 1 + m (the packed slot of b_0);
+// with derivatives, dvals holds their derivatives in x: [silu'(x), b_0'(f) / h, .., b_K'(f) / h].
+template <typename T>
+struct Local {
+  int K, V;
+  std::vector<T> vals, dvals;
+  std::vector<int32_t> row;
+
+  Local(int k, int64_t n_values, bool derivative) : K(k), V(k + 2), vals(n_values * (k + 2)), row(n_values) {
+    if (derivative) dvals.resize(n_values * V);
+  }
+
+  void build(const T* x, const T* t0, const T* inv_h, const T* coef, const T* dcoef, int64_t n_rows,
+             int64_t C, int64_t L, int64_t n_knots) {
+    const T n_spans = static_cast<T>(n_knots - 1);
+    const bool derivative = !dvals.empty();
+    at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t c = nc % C;
+        const T a = t0[c], s = inv_h[c];
+        for (int64_t l = nc * L; l < (nc + 1) * L; ++l) {
+          const T xv = x[l];
+          const T u = (xv - a) * s;
+          const bool inside = u >= T(0) && u < n_spans;  // false for NaN
+          const T uu = inside ? u : T(0);
+          const int32_t m = static_cast<int32_t>(uu);  // floor, as uu >= 0
+          const T f = uu - static_cast<T>(m);
+          const T sig = T(1) / (T(1) + std::exp(-xv));
+          T* v = vals.data() + l * V;
+          v[0] = xv * sig;
+          for (int r = 0; r <= K; ++r) v[1 + r] = inside ? horner(coef + r * (K + 1), K + 1, f) : T(0);
+          row[l] = 1 + m;
+          if (derivative) {
+            T* dv = dvals.data() + l * V;
+            dv[0] = sig * (T(1) + xv * (T(1) - sig));
+            for (int r = 0; r <= K; ++r) dv[1 + r] = inside ? horner(dcoef + r * K, K, f) * s : T(0);
+          }
+        }
+      }
+    });
+  }
+};
+
+template <typename T>
+struct Tables {
+  T coef[(kMaxOrder + 1) * (kMaxOrder + 1)];
+  T dcoef[(kMaxOrder + 1) * kMaxOrder];
+  Tables(const at::Tensor& coef_t, const at::Tensor& dcoef_t) {
+    const double* c = coef_t.data_ptr<double>();
+    const double* d = dcoef_t.data_ptr<double>();
+    for (int64_t i = 0; i < coef_t.numel(); ++i) coef[i] = static_cast<T>(c[i]);
+    for (int64_t i = 0; i < dcoef_t.numel(); ++i) dcoef[i] = static_cast<T>(d[i]);
+  }
+};
+
+
+// out[o] += v . (rows of one value and one kernel tap) for the output channels o in [o0, o1): the
+// forward's path for the channels left over by its vector blocks. KC > 0 fixes the order at
+// compile time; the restrict qualifiers let the compiler vectorise without run-time alias checks.
+template <typename T, int KC>
+inline void axpy_rows(int K, int64_t o0, int64_t o1, int64_t Og, const T* __restrict__ v, const T* __restrict__ w0,
+                      const T* __restrict__ r0, T* __restrict__ acc) {
+  T c[kMaxOrder + 2];
+  for (int r = 0; r < K + 2; ++r) c[r] = v[r];
+  for (int64_t o = o0; o < o1; ++o) {
+    T sum = acc[o] + c[0] * w0[o];
+    for (int r = 0; r < (KC > 0 ? KC + 1 : K + 1); ++r) sum += c[1 + r] * r0[r * Og + o];
+    acc[o] = sum;
+  }
+}
+
+// One 64-byte vector of T (GCC/Clang vector extension): accumulators the compiler keeps in registers.
+template <typename T>
+struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = 64 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+};
+
+// sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
+// the K + 1 rows from r0_t. Accumulated in registers, one vector per row, reduced once at the end.
+template <typename T, int KC>
+inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* const* w0s, const T* const* r0s,
+                     T* sums) {
+  using V = Vec64<T>;
+  using vec = typename V::type;
+  constexpr int LW = V::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int R = KC > 0 ? KC + 1 : K + 1;
+  vec a0 = {};
+  vec ar[RMAX];
+  for (int r = 0; r < RMAX; ++r) ar[r] = vec{};
+  T tail[kMaxOrder + 2] = {};
+  const int64_t Ov = Og / LW * LW;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* g = gs[t];
+    const T* w0 = w0s[t];
+    const T* r0 = r0s[t];
+    for (int64_t ob = 0; ob < Ov; ob += LW) {
+      const vec gv = V::load(g + ob);
+      a0 += gv * V::load(w0 + ob);
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r) ar[r] += gv * V::load(r0 + r * Og + ob);
+    }
+    for (int64_t o = Ov; o < Og; ++o) {
+      tail[0] += g[o] * w0[o];
+      for (int r = 0; r < R; ++r) tail[1 + r] += g[o] * r0[r * Og + o];
+    }
+  }
+  sums[0] = tail[0];
+  for (int l = 0; l < LW; ++l) sums[0] += a0[l];
+  for (int r = 0; r < R; ++r) {
+    sums[1 + r] = tail[1 + r];
+    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][l];
+  }
+}
+
+// The positions of one channel of one sample, sorted by row (1 + knot span) with a counting sort:
+// bucket b (row 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero
+// bases and sit in the first bucket.
+struct SpanOrder {
+  std::vector<int64_t> start, next, order;
+  SpanOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L) {}
+  int64_t buckets() const { return int64_t(next.size()); }
+  void sort(const int32_t* rows, int64_t L) {
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t q = 0; q < L; ++q) ++start[rows[q]];  // bucket rows[q] - 1 counted at its end
+    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
+    std::copy(start.begin(), start.end() - 1, next.begin());
+    for (int64_t q = 0; q < L; ++q) order[next[rows[q] - 1]++] = q;
+  }
+};
+
+// Output position of every input position through one kernel tap (-1: it feeds no output there).
+struct TapMap {
+  std::vector<int64_t> od_of, oh_of, ow_of;  // per dimension: [offset * n_in + i] -> output index or -1
+  static std::vector<int64_t> table(int64_t n_in, int64_t n_out, int64_t k, int64_t s, int64_t dl) {
+    std::vector<int64_t> t(k * n_in, -1);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = j * dl; i < n_in; ++i)
+        if ((i - j * dl) % s == 0 && (i - j * dl) / s < n_out) t[j * n_in + i] = (i - j * dl) / s;
+    return t;
+  }
+  explicit TapMap(const Geometry& g)
+      : od_of(table(g.D, g.Do, g.kd, g.sd, g.dd)), oh_of(table(g.H, g.Ho, g.kh, g.sh, g.dh)),
+        ow_of(table(g.W, g.Wo, g.kw, g.sw, g.dw)) {}
+  void fill(const Geometry& g, int64_t a, int64_t b, int64_t e, int64_t* out_pos) const {
+    for (int64_t d = 0, q = 0; d < g.D; ++d) {
+      for (int64_t h = 0; h < g.H; ++h) {
+        for (int64_t w = 0; w < g.W; ++w, ++q) {
+          const int64_t od = od_of[a * g.D + d], oh = oh_of[b * g.H + h], ow = ow_of[e * g.W + w];
+          out_pos[q] = (od | oh | ow) < 0 ? -1 : (od * g.Ho + oh) * g.Wo + ow;
+        }
+      }
+    }
+  }
+};
+
+int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
+  const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
+  const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
+  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per_sample));
+}
+
+// out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
+// Output channels in blocks of two vectors: one task per (sample, group, block). The positions of a
+// channel are bucketed by knot span; for one tap, every value of a bucket reads the same K + 2
+// weight rows, which stay in registers while the bucket's outputs are updated.
+template <typename T, int KC>
+void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp, const Geometry& g,
+                  int k_rt, int64_t n_knots, T* out) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t L = g.in_size(), P = g.out_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t n_blocks = Og / (2 * LW), Ov = n_blocks * 2 * LW;
+  const TapMap map(g);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
+    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      std::vector<int64_t> out_pos(L);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
+        const int64_t ob = task % n_blocks * 2 * LW;
+        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+        for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
+          const int64_t base = (nl * g.C + c) * L;
+          const T* vals = loc.vals.data() + base * V;
+          sorted.sort(loc.row.data() + base, L);
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              for (int64_t e = 0; e < g.kw; ++e) {
+                map.fill(g, a, b, e, out_pos.data());
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og + ob;
+                const vec w0 = Vc::load(ws), w1 = Vc::load(ws + LW);
+                for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+                  if (sorted.start[bucket] == sorted.start[bucket + 1]) continue;
+                  vec r0[RMAX], r1[RMAX];
+                  for (int r = 0; r < R; ++r) {
+                    r0[r] = Vc::load(ws + (1 + bucket + r) * Og);
+                    r1[r] = Vc::load(ws + (1 + bucket + r) * Og + LW);
+                  }
+                  for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
+                    const int64_t q = sorted.order[j];
+                    const int64_t p = out_pos[q];
+                    if (p < 0) continue;
+                    const T* v = vals + q * V;
+                    T* op = os + p * g.O;
+                    vec s0 = Vc::load(op) + v[0] * w0, s1 = Vc::load(op + LW) + v[0] * w1;
+#pragma GCC unroll 17
+                    for (int r = 0; r < R; ++r) {
+                      s0 += v[1 + r] * r0[r];
+                      s1 += v[1 + r] * r1[r];
+                    }
+                    std::memcpy(op, &s0, sizeof s0);
+                    std::memcpy(op + LW, &s1, sizeof s1);
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+    if (Ov == Og) continue;
+    // The last Og % (2 * LW) output channels of each group: value by value over output rows.
+    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
+        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const int64_t ocol = c / g.Cg * Og;
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+              const T* vrow = loc.vals.data() + in_row * g.W * V;
+              const int32_t* rrow = loc.row.data() + in_row * g.W;
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                  const int64_t w = ow * g.sw + e * g.dw;
+                  axpy_rows<T, KC>(K, Ov, Og, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O + ocol);
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
+template <typename T, int KC>
+void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
+                     const Geometry& g, int k_rt, int64_t n_knots, T* gx) {
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
+  Local<T> loc(K, chunk * g.C * L, true);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    // One task per input row of one channel: (n, c, d, h).
+    at::parallel_for(0, nn * g.C * g.D * g.H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const T*> gps(taps), w0s(taps), r0s(taps);
+      std::vector<int64_t> tap_od, tap_oh;  // valid (tap, output index) pairs of this row
+      T sums[kMaxOrder + 2];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task % g.H, d = task / g.H % g.D, c = task / (g.H * g.D) % g.C;
+        const int64_t nl = task / (g.H * g.D * g.C);
+        const int64_t ocol = c / g.Cg * Og;
+        tap_od.clear();
+        tap_oh.clear();
+        for (int64_t a = 0; a < g.kd; ++a) {
+          const int64_t t = d - a * g.dd;
+          if (t >= 0 && t % g.sd == 0 && t / g.sd < g.Do) tap_od.insert(tap_od.end(), {a, t / g.sd});
+        }
+        for (int64_t b = 0; b < g.kh; ++b) {
+          const int64_t t = h - b * g.dh;
+          if (t >= 0 && t % g.sh == 0 && t / g.sh < g.Ho) tap_oh.insert(tap_oh.end(), {b, t / g.sh});
+        }
+        const int64_t in_row = task;  // ((nl * C + c) * D + d) * H + h
+        T* gxrow = gx + ((n0 * g.C) * g.D * g.H + in_row) * g.W;
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t i = in_row * g.W + w;
+          const int32_t r = loc.row[i];
+          int64_t n_taps = 0;
+          for (size_t ia = 0; ia < tap_od.size(); ia += 2) {
+            for (size_t ib = 0; ib < tap_oh.size(); ib += 2) {
+              const int64_t a = tap_od[ia], od = tap_od[ia + 1], b = tap_oh[ib], oh = tap_oh[ib + 1];
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const int64_t t = w - e * g.dw;
+                if (t < 0 || t % g.sw != 0 || t / g.sw >= g.Wo) continue;
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                gps[n_taps] = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
+                w0s[n_taps] = ws;
+                r0s[n_taps++] = ws + r * Og;
+              }
+            }
+          }
+          dot_taps<T, KC>(K, Og, n_taps, gps.data(), w0s.data(), r0s.data(), sums);
+          const T* dv = loc.dvals.data() + i * V;
+          T total = T(0);
+          for (int s = 0; s < V; ++s) total += dv[s] * sums[s];
+          gxrow[w] = total;
+        }
+      }
+    });
+  }
+}
+
+// gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
+// the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
+// span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
+// registers (two vectors of output channels at a time) and each row is written once per bucket.
+template <typename T, int KC>
+void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
+                      const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const int64_t Ov = Og / (2 * LW) * (2 * LW);
+  const TapMap map(g);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  std::fill(gw, gw + g.C * taps * S * Og, T(0));
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      std::vector<int64_t> out_pos(L);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t ocol = c / g.Cg * Og;
+        for (int64_t nl = 0; nl < nn; ++nl) {
+          const int64_t base = (nl * g.C + c) * L;
+          const int32_t* rows = loc.row.data() + base;
+          const T* vals = loc.vals.data() + base * V;
+          const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
+          sorted.sort(rows, L);
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              for (int64_t e = 0; e < g.kw; ++e) {
+                T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                map.fill(g, a, b, e, out_pos.data());
+                for (int64_t ob = 0; ob < Ov; ob += 2 * LW) {
+                  vec b0 = {}, b1 = {};
+                  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+                    vec s0[RMAX], s1[RMAX];
+                    for (int r = 0; r < R; ++r) s0[r] = s1[r] = vec{};
+                    for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
+                      const int64_t q = sorted.order[j];
+                      const int64_t p = out_pos[q];
+                      if (p < 0) continue;
+                      const T* gp = gos + p * g.O + ob;
+                      const vec g0 = Vc::load(gp), g1 = Vc::load(gp + LW);
+                      const T* v = vals + q * V;
+                      b0 += v[0] * g0;
+                      b1 += v[0] * g1;
+#pragma GCC unroll 17
+                      for (int r = 0; r < R; ++r) {
+                        s0[r] += v[1 + r] * g0;
+                        s1[r] += v[1 + r] * g1;
+                      }
+                    }
+                    T* r0 = ws + bucket * Og + ob;  // rows 1 + span .. 1 + span + K
+                    for (int r = 0; r < R; ++r) {
+                      T* row = r0 + (1 + r) * Og;
+                      const vec u0 = Vc::load(row) + s0[r], u1 = Vc::load(row + LW) + s1[r];
+                      std::memcpy(row, &u0, sizeof u0);
+                      std::memcpy(row + LW, &u1, sizeof u1);
+                    }
+                  }
+                  const vec u0 = Vc::load(ws + ob) + b0, u1 = Vc::load(ws + ob + LW) + b1;
+                  std::memcpy(ws + ob, &u0, sizeof u0);
+                  std::memcpy(ws + ob + LW, &u1, sizeof u1);
+                }
+                if (Ov == Og) continue;
+                for (int64_t q = 0; q < L; ++q) {  // the last Og % (2 * LW) output channels
+                  const int64_t p = out_pos[q];
+                  if (p < 0) continue;
+                  const T* gp = gos + p * g.O;
+                  const T* v = vals + q * V;
+                  T* r0 = ws + rows[q] * Og;
+                  for (int64_t o = Ov; o < Og; ++o) {
+                    ws[o] += v[0] * gp[o];
+                    for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() && t.dim() == dim,
+              name, " must be a contiguous CPU tensor of ", dim, " dimensions and dtype ", like.scalar_type(),
+              ", got ", t.sizes(), " ", t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// x (N, C, D, H, W), t0 and inv_h (C,), coef ((K+1)^2 doubles), dcoef ((K+1)K doubles),
+// wp (C, taps, S, Og); kernel, stride, dilation: 3 ints each.
+Geometry geometry(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef,
+                  const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+                  at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  check_cpu(x, x, "x", 5);
+  check_cpu(t0, x, "t0", 1);
+  check_cpu(inv_h, x, "inv_h", 1);
+  check_cpu(wp, x, "packed weight", 4);
+  TORCH_CHECK(K >= 1 && K <= kMaxOrder, "spline order must be in 1..", kMaxOrder, ", got ", K);
+  TORCH_CHECK(n_knots >= 2 * K + 2, "too few knots (", n_knots, ") for spline order ", K);
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.is_contiguous() && coef.numel() == (K + 1) * (K + 1) &&
+                  dcoef.scalar_type() == at::kDouble && dcoef.is_contiguous() && dcoef.numel() == (K + 1) * K,
+              "bad piece coefficient tables");
+  TORCH_CHECK(kernel.size() == 3 && stride.size() == 3 && dilation.size() == 3, "kernel, stride, dilation: 3 ints");
+  Geometry g;
+  g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  g.kd = kernel[0], g.kh = kernel[1], g.kw = kernel[2];
+  g.sd = stride[0], g.sh = stride[1], g.sw = stride[2];
+  g.dd = dilation[0], g.dh = dilation[1], g.dw = dilation[2];
+  TORCH_CHECK(g.kd >= 1 && g.kh >= 1 && g.kw >= 1 && g.sd >= 1 && g.sh >= 1 && g.sw >= 1 && g.dd >= 1 && g.dh >= 1 &&
+                  g.dw >= 1, "kernel, stride and dilation must be positive");
+  TORCH_CHECK(t0.size(0) == g.C && inv_h.size(0) == g.C, "t0 and inv_h need one entry per input channel");
+  TORCH_CHECK(groups >= 1 && g.C % groups == 0, "groups must divide the input channels");
+  g.groups = groups;
+  g.Cg = g.C / groups;
+  g.S = n_knots + K;
+  TORCH_CHECK(wp.size(0) == g.C && wp.size(1) == g.taps() && wp.size(2) == g.S,
+              "packed weight must be (C, taps, n_knots + K, O / groups), got ", wp.sizes());
+  g.Og = wp.size(3);
+  g.O = g.Og * groups;
+  g.Do = (g.D - g.dd * (g.kd - 1) - 1) / g.sd + 1;
+  g.Ho = (g.H - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.D >= g.dd * (g.kd - 1) + 1 && g.H >= g.dh * (g.kh - 1) + 1 && g.W >= g.dw * (g.kw - 1) + 1,
+              "input smaller than the (dilated) kernel");
+  return g;
+}
+
+// Calls f.template operator()<KC>() with KC the compile-time order (1..5) or 0 (run-time order).
+template <typename F>
+void dispatch_order(int64_t K, F&& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    default: f(std::integral_constant<int, 0>());
+  }
+}
+
+void forward(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef,
+             const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+             at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(out, x, "out", 5);
+  TORCH_CHECK(out.size(0) == g.N && out.size(1) == g.Do && out.size(2) == g.Ho && out.size(3) == g.Wo &&
+              out.size(4) == g.O, "out must be (N, Do, Ho, Wo, O), got ", out.sizes());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_forward", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      forward_impl<scalar_t, decltype(kc)::value>(x.data_ptr<scalar_t>(), t0.data_ptr<scalar_t>(),
+                                                  inv_h.data_ptr<scalar_t>(), tab, wp.data_ptr<scalar_t>(), g,
+                                                  int(K), n_knots, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+void grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+                const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+                at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+                at::Tensor out) {
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(grad_out, x, "grad_out", 5);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
+              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
+              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
+  check_cpu(out, x, "out", 5);
+  TORCH_CHECK(out.sizes() == x.sizes(), "out must be shaped like x");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_input", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      grad_input_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                     t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
+                                                     wp.data_ptr<scalar_t>(), g, int(K), n_knots,
+                                                     out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+void grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+                 const at::Tensor& coef, const at::Tensor& dcoef, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+                 at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
+  // out is the packed weight's gradient and has the packed weight's shape.
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, out, K, n_knots, kernel, stride, dilation, groups);
+  check_cpu(grad_out, x, "grad_out", 5);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
+              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
+              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_weight", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      grad_weight_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                      t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab, g,
+                                                      int(K), n_knots, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kanvolution_sparse, m) {
+  m.def("forward(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, int n_knots, "
+        "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &forward);
+  m.def("grad_input(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, "
+        "int K, int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &grad_input);
+  m.def("grad_weight(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, int K, "
+        "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &grad_weight);
+}
