@@ -430,3 +430,34 @@ def test_killed_run_shows_in_table_and_resumes(tmp_path, shared_data_dir, capsys
     argv[argv.index("30")] = "2"
     assert main([*argv, "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def kan_run_dir(tmp_path_factory, shared_data_dir):
+    """A tiny KAN model's run, for the export tests."""
+    out = tmp_path_factory.mktemp("runs") / "kanc_mlp_small"
+    argv = ["train", "--model", "kanc_mlp_small", "--grid-size", "5", "--epochs", "1", "--out", str(out)]
+    assert main(argv + _small(shared_data_dir)) == 0
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_export_writes_and_checks_the_model(kan_run_dir, fmt, capsys):
+    target = kan_run_dir / f"exported.{fmt}"
+    assert main(["export", str(kan_run_dir), "--format", fmt, "--out", str(target), "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert target.is_file() and target.stat().st_size > 0
+    difference = float(re.search(r"largest difference (\S+)", out).group(1))
+    assert difference <= cli.EXPORT_TOLERANCE
+    assert "kanc_mlp_small (epoch 1)" in out
+
+
+def test_export_refuses_a_model_it_does_not_reproduce(kan_run_dir, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "EXPORT_TOLERANCE", -1.0)  # no difference can pass
+    assert main(["export", str(kan_run_dir), "--format", "pt2", "--out", str(kan_run_dir / "x.pt2")]) == 2
+    assert "does not reproduce the model" in _one_line_error(capsys)
+
+
+def test_export_without_checkpoint(tmp_path, capsys):
+    assert main(["export", str(tmp_path)]) == 2
+    assert "no checkpoint.pt" in _one_line_error(capsys)

@@ -29,7 +29,16 @@ _EXTERNAL_HELP = {
     "bench": "time the KAN layers and models (ratios against the paper's implementation and plain convolutions)",
     "inspect": "look inside a trained model: its learned functions and feature maps",
 }
-_EXTRAS = {"torchmetrics": "train", "tqdm": "train", "matplotlib": "train", "optuna": "tune", "psycopg": "postgres"}
+_EXTRAS = {
+    "torchmetrics": "train",
+    "tqdm": "train",
+    "matplotlib": "train",
+    "optuna": "tune",
+    "psycopg": "postgres",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "export",
+}
 
 
 class CliError(KanvolutionError):
@@ -496,6 +505,61 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# export
+
+# What a failed check tolerates: onnxruntime and PyTorch order float32 sums differently.
+EXPORT_TOLERANCE = 1e-4
+
+
+def _add_export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a run's model as ONNX or a torch.export program, and check it",
+        description=(
+            "Export the model of RUN_DIR/checkpoint.pt (dynamic batch size) as ONNX (standard operators,"
+            " checked with onnxruntime) or as a torch.export program (.pt2, checked by loading it back),"
+            f" and compare its outputs with PyTorch's; a difference above {EXPORT_TOLERANCE:g} fails."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=("onnx", "pt2"), default="onnx", help="(default: onnx)")
+    p.add_argument("--out", help="file to write (default: RUN_DIR/model.onnx or RUN_DIR/model.pt2)")
+    p.add_argument("--batch", type=_positive_int, default=8, help="example batch size for the export and check (default: 8)")
+    p.set_defaults(_handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from kanvolution.experiments.weights import load_run_model
+
+    model, checkpoint = load_run_model(args.run_dir)
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{args.format}"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, 28, 28, generator=generator) * 2 - 1  # the zoo's (N, 1, 28, 28) inputs
+    check = torch.rand(args.batch + 3, 1, 28, 28, generator=generator) * 2 - 1  # another batch size
+    if args.format == "onnx":
+        from kanvolution.export import check_onnx, export_onnx
+
+        export_onnx(model, x, out)
+        difference = check_onnx(model, out, check)
+        checked = "onnxruntime"
+    else:
+        from kanvolution.export import save_program
+
+        save_program(model, x, out)
+        with torch.no_grad():
+            got = torch.export.load(out).module()(check)
+            difference = float((got - model(check)).abs().max())
+        checked = "the reloaded program"
+    print(f"{out}: {checkpoint['config']['model']} (epoch {checkpoint['epoch']}); {checked} vs PyTorch on"
+          f" {len(check)} inputs: largest difference {difference:.2e}")
+    if not difference <= EXPORT_TOLERANCE:
+        raise CliError(f"{out} does not reproduce the model: largest difference {difference:.2e} > {EXPORT_TOLERANCE:g}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # bench / inspect (other modules)
 
 
@@ -549,6 +613,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_table_parser(sub)
     _add_reproduce_parser(sub)
     _add_demo_parser(sub)
+    _add_export_parser(sub)
     for name in EXTERNAL_COMMANDS:
         _add_external_parser(sub, name, load=command == name)
     return parser

@@ -214,10 +214,11 @@ def test_classification_metrics_macro_averages():
 # bf16-mixed precision
 
 
-def test_bf16_mixed_tracks_float32_and_keeps_float32_states(tiny, tmp_path):
+@pytest.mark.parametrize("model", ["cnn_medium", "kanc_mlp_small"])
+def test_bf16_mixed_tracks_float32_and_keeps_float32_states(tiny, tmp_path, model):
     runs = {}
     for precision in ("32", "bf16-mixed"):
-        config = tiny(model="cnn_medium", epochs=2, batch_size=64, precision=precision)
+        config = tiny(model=model, epochs=2, batch_size=64, precision=precision)
         runs[precision] = train(config, tmp_path / precision, log=None)
     full, mixed = runs["32"]["history"], runs["bf16-mixed"]["history"]
     assert runs["bf16-mixed"]["config"]["precision"] == "bf16-mixed"
