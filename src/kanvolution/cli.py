@@ -531,7 +531,7 @@ def _add_export_parser(sub: Any) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from kanvolution.experiments.weights import load_run_model
+    from kanvolution.experiments.runs import load_run_model
 
     model, checkpoint = load_run_model(args.run_dir)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"model.{args.format}"

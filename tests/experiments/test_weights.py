@@ -12,7 +12,8 @@ from kanvolution.experiments import weights
 from kanvolution.experiments.data import load_dataset
 from kanvolution.experiments.models import create_model
 from kanvolution.experiments.training import train
-from kanvolution.experiments.weights import WeightsError, list_pretrained, load_run_model, save_pretrained
+from kanvolution.experiments.runs import load_run_model, save_pretrained
+from kanvolution.experiments.weights import WeightsError, list_pretrained
 
 SHIPPED = list_pretrained()
 

@@ -502,7 +502,7 @@ def evaluate(
         ``{"epoch", "loss", "accuracy", "precision", "recall", "f1", "test_samples"}``, metrics as
         fractions. For the epoch the checkpoint holds they equal that epoch's history entry.
     """
-    from .weights import load_run_model
+    from .runs import load_run_model
 
     model, checkpoint = load_run_model(run_dir)
     config = TrainConfig.from_dict(checkpoint["config"])

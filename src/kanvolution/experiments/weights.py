@@ -1,5 +1,6 @@
 """Trained weights: the one loader for run folders, checkpoint files, ``.safetensors`` files and
-the pretrained zoo shipped inside the package (``create_model(name, pretrained=True)``).
+the pretrained zoo shipped inside the package (``create_model(name, pretrained=True)``);
+:mod:`.runs` builds a run's model on it and adds runs to the zoo.
 
 The pretrained zoo lives in ``pretrained/`` beside this file: one ``<tag>.safetensors`` per model
 and grid size plus ``index.json``, which holds for every tag its recipe, the epoch the weights
@@ -20,25 +21,20 @@ from torch import nn
 
 from ..errors import KanvolutionError
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint
-from .config import TrainConfig, build_model, resolved_grid_size
-from .files import atomic_write, write_json
 
 __all__ = [
     "PRETRAINED_DIR",
     "WeightsError",
-    "describe_recipe",
+    "file_sha256",
     "list_pretrained",
     "load_pretrained",
-    "load_run_model",
     "load_weights",
     "pretrained_tag",
     "read_state_dict",
-    "save_pretrained",
 ]
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 INDEX_FILE = "index.json"
-CHECK_IMAGES = 256  # test images whose predictions index.json records
 
 
 class WeightsError(KanvolutionError, ValueError):
@@ -60,7 +56,7 @@ def list_pretrained() -> list[str]:
     return sorted(_index())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -123,28 +119,6 @@ def load_weights(model: nn.Module, source: str | os.PathLike[str], map_location:
     return model
 
 
-def load_run_model(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a run's model from ``RUN_DIR/checkpoint.pt``, in eval mode with the trained weights.
-
-    Returns:
-        ``(model, checkpoint)``; ``checkpoint["config"]`` holds the run's resolved options.
-
-    Raises:
-        MissingCheckpointError, CorruptCheckpointError: no readable checkpoint.
-        WeightsError: the checkpoint names no model of the zoo, or its weights do not fit.
-    """
-    checkpoint = load_checkpoint(run_dir, map_location)
-    try:
-        model = build_model(TrainConfig.from_dict(checkpoint["config"]))
-    except (ValueError, TypeError) as err:
-        raise WeightsError(f"{run_dir}: {err}") from None
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise WeightsError(f"{run_dir}: the checkpoint's weights do not fit its model ({str(err).splitlines()[0]})") from None
-    return model.eval(), checkpoint
-
-
 def load_pretrained(model: nn.Module, name: str, grid_size: int | None) -> dict[str, Any]:
     """Load the shipped weights of ``name`` at ``grid_size`` into ``model``; return their card.
 
@@ -160,85 +134,7 @@ def load_pretrained(model: nn.Module, name: str, grid_size: int | None) -> dict[
         shipped = ", ".join(list_pretrained()) or "none"
         raise WeightsError(f"no pretrained weights for {tag!r}; shipped: {shipped}")
     path = PRETRAINED_DIR / card["file"]
-    if not path.is_file() or _sha256(path) != card["sha256"]:
+    if not path.is_file() or file_sha256(path) != card["sha256"]:
         raise WeightsError(f"{path} is missing or damaged (SHA-256 differs from the index); reinstall kanvolution")
     load_weights(model, path)
     return {"tag": tag, **card}
-
-
-def describe_recipe(config: TrainConfig, epoch: int) -> str:
-    """How a run was trained, in one line (the card's ``recipe`` unless one is given)."""
-    data = f"{config.max_train_samples} training images" if config.max_train_samples else "the whole training set"
-    if config.val_fraction:
-        data = f"{100 * (1 - config.val_fraction):g}% of {data}"
-    schedule = "no schedule" if config.lr_schedule == "none" else f"{config.lr_schedule} schedule"
-    return (f"{config.dataset}, {data}: AdamW lr {config.lr:g}, weight decay {config.weight_decay:g},"
-            f" batch {config.batch_size}, {schedule}, {config.epochs} epochs, torch seed {config.seed};"
-            f" weights of epoch {epoch}")
-
-
-@torch.no_grad()
-def _predictions(model: nn.Module, images: torch.Tensor) -> tuple[list[int], float]:
-    out = model.eval()(images)
-    return out.argmax(dim=1).tolist(), float(out.max(dim=1).values.double().mean())
-
-
-def save_pretrained(
-    run_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str] = PRETRAINED_DIR,
-    *,
-    recipe: str | None = None,
-    data_dir: str | None = None,
-) -> dict[str, Any]:
-    """Add a finished run's final weights to a pretrained folder (``.safetensors`` + ``index.json``).
-
-    Args:
-        run_dir: a finished run of ``kanvolution train`` (its ``checkpoint.pt`` and ``results.json``).
-        out_dir: the folder; the package's own zoo by default.
-        recipe: how the run was made, in words (the config is recorded as well).
-        data_dir: where the run's test set is, for the recorded predictions.
-
-    Returns:
-        The card written to ``index.json`` for the run's tag.
-    """
-    from safetensors.torch import save
-
-    from .data import load_dataset
-    from .schema import load_results
-
-    model, checkpoint = load_run_model(run_dir)
-    config = TrainConfig.from_dict(checkpoint["config"])
-    results = load_results(run_dir)
-    last = results.get("test_last") or {}
-    if last.get("epoch") != checkpoint["epoch"]:
-        raise WeightsError(f"{run_dir}: results.json has no test metrics for the checkpoint's epoch {checkpoint['epoch']}")
-    grid_size = resolved_grid_size(config)
-    tag = pretrained_tag(config.model, grid_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{tag}.safetensors"
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda f: f.write(save(state)))
-    images, _ = load_dataset(config.dataset, "test", data_dir or config.data_dir, download=False)
-    predictions, mean_max_logp = _predictions(model, images[:CHECK_IMAGES])
-    card = {
-        "file": path.name,
-        "sha256": _sha256(path),
-        "model": config.model,
-        "grid_size": grid_size,
-        "name": results.get("name"),
-        "dataset": config.dataset,
-        "params": results.get("params"),
-        "epochs": checkpoint["epoch"],
-        "test_accuracy": last["accuracy"],
-        "test_f1": last["f1"],
-        "recipe": recipe or describe_recipe(config, checkpoint["epoch"]),
-        "config": {k: v for k, v in checkpoint["config"].items() if k not in ("data_dir", "progress", "device")},
-        "check": {"images": CHECK_IMAGES, "predictions": predictions, "mean_max_log_prob": mean_max_logp},
-    }
-    index_path = out / INDEX_FILE
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    index[tag] = card
-    write_json(index_path, dict(sorted(index.items())))
-    return card
-

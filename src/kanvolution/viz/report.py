@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 
-from ..experiments.weights import load_run_model
+from ..experiments.runs import load_run_model
 from ..experiments.data import load_dataset
 from ..experiments.files import atomic_write, write_json
 from ..experiments.schema import CURVES_FILE, ResultsError, load_results
@@ -250,7 +250,7 @@ def load_run(run_dir: str | os.PathLike[str],
     """Rebuild a run's model from ``RUN_DIR/checkpoint.pt`` (``weights_only=True``).
 
     The same loader as ``kanvolution evaluate`` and the pretrained zoo:
-    :func:`kanvolution.experiments.weights.load_run_model`.
+    :func:`kanvolution.experiments.runs.load_run_model`.
 
     Returns:
         ``(model, checkpoint)``: the model in eval mode with the trained weights, and the
