@@ -26,7 +26,6 @@ from .checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
     PREVIOUS_CHECKPOINT_FILE,
-    load_checkpoint,
     load_checkpoint_for_resume,
     save_checkpoint,
 )
