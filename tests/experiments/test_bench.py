@@ -28,3 +28,14 @@ def test_checks_compare_each_ratio_with_its_target():
     assert checks["kanc10_vs_cnn"][2] is True and checks["kanc20_vs_cnn"][2] is False
     assert checks["memory_vs_naive"] == (0.1, bench.TARGETS["memory_vs_naive"], 0.1 <= bench.TARGETS["memory_vs_naive"])
     assert "epoch_seconds" not in checks and "reference_vs_kanc10" not in checks
+
+
+def test_compile_benchmark_times_both_steps_and_the_compilation():
+    from kanvolution.experiments.bench import compile_benchmark
+
+    models = [("KAN", "kanc_mlp_small", 5), ("CNN", "cnn_small", None)]
+    report = compile_benchmark(batch=8, repeats=2, models=models, backend="aot_eager")
+    assert report["backend"] == "aot_eager" and set(report["models"]) == {"KAN", "CNN"}
+    for row in report["models"].values():
+        assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["first_compiled_step_s"] > 0
+        assert row["compiled_vs_eager"] == row["compiled_ms"] / row["eager_ms"]

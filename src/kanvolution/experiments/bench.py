@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["add_arguments", "run", "time_interleaved", "train_step_benchmark", "layer_benchmark",
-           "layer_peak_memory", "epoch_benchmark"]
+__all__ = ["add_arguments", "run", "time_interleaved", "train_step_benchmark", "compile_benchmark",
+           "layer_benchmark", "layer_peak_memory", "epoch_benchmark"]
 
 STEP_MODELS = [  # (label, registry name, grid size, implementation)
     ("KANC MLP (Medium) gs=10", "kanc_mlp_medium", 10, "fused"),
@@ -110,6 +110,43 @@ def train_step_benchmark(batch: int = 128, repeats: int = 20, reference_repeats:
     if ref in med:
         ratios["reference_vs_kanc10"] = med[ref] / med["KANC MLP (Medium) gs=10"]
     return {"batch": batch, "steps": rows, "ratios": ratios}
+
+
+COMPILE_MODELS = [("KANC MLP (Medium) gs=10", "kanc_mlp_medium", 10), ("CNN (Medium)", "cnn_medium", None)]
+
+
+def compile_benchmark(batch: int = 128, repeats: int = 20, device: torch.device | None = None,
+                      models: list[tuple[str, str, int | None]] = COMPILE_MODELS, backend: str = "inductor") -> dict:
+    """Training step of ``torch.compile(model)`` (default settings) beside the eager step, and the
+    time of the first compiled step (compilation of forward and backward included).
+
+    Args:
+        models: ``(label, registry name, grid size)`` of each model to time.
+        backend: ``torch.compile``'s backend (its default, inductor, unless testing).
+    """
+    from .models import create_model
+
+    device = device or torch.device("cpu")
+    fns, first_step_s = {}, {}
+    for label, name, gs in models:
+        pair = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            pair.append(create_model(name, **({"grid_size": gs} if gs else {})).to(device))
+        fns[f"{label} eager"] = _make_step(pair[0], batch, device)
+        compiled = _make_step(torch.compile(pair[1], backend=backend), batch, device)
+        _sync(device)
+        start = time.perf_counter()
+        compiled()
+        _sync(device)
+        first_step_s[label] = time.perf_counter() - start
+        fns[f"{label} compiled"] = compiled
+    times = time_interleaved(fns, repeats, device)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = {label: {"eager_ms": med[f"{label} eager"], "compiled_ms": med[f"{label} compiled"],
+                    "compiled_vs_eager": med[f"{label} compiled"] / med[f"{label} eager"],
+                    "first_compiled_step_s": first_step_s[label]} for label, _, _ in models}
+    return {"batch": batch, "backend": backend, "models": rows}
 
 
 def layer_benchmark(repeats: int = 10, device: torch.device | None = None) -> dict:
@@ -226,6 +263,14 @@ def _print_report(report: dict) -> None:
         print("| model | ms / step | x CNN (Medium) | runs |\n| --- | ---: | ---: | ---: |")
         for name, row in s["steps"].items():
             print(f"| {name} | {row['median_ms']:.2f} | {row['vs_cnn']:.2f} | {row['runs']} |")
+    if "compile" in report:
+        s = report["compile"]
+        print(f"\nTraining step, batch {s['batch']}: torch.compile (default settings) beside eager, median")
+        print("| model | eager ms | compiled ms | compiled / eager | first compiled step (compilation) s |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, row in s["models"].items():
+            print(f"| {name} | {row['eager_ms']:.2f} | {row['compiled_ms']:.2f} | {row['compiled_vs_eager']:.2f} |"
+                  f" {row['first_compiled_step_s']:.1f} |")
     if "layer" in report:
         s = report["layer"]
         print("\nLayer KANConv2d(64, 64, 3, padding=1, grid_size=10) on (16, 64, 32, 32), median")
@@ -268,8 +313,8 @@ def _checks(report: dict) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="+", choices=("step", "layer", "memory", "epoch"),
-                        default=["step", "layer", "memory", "epoch"], help="which benchmarks to run")
+    parser.add_argument("--only", nargs="+", choices=("step", "compile", "layer", "memory", "epoch"),
+                        default=["step", "compile", "layer", "memory", "epoch"], help="which benchmarks to run")
     parser.add_argument("--data-dir", default=None, help="folder with fashion-mnist/ (for the epoch benchmark)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds of the step benchmark")
     parser.add_argument("--reference-repeats", type=int, default=3, help="rounds for the slow reference loop")
@@ -287,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
     if "step" in args.only:
         report["train_step"] = train_step_benchmark(repeats=args.repeats, reference_repeats=args.reference_repeats,
                                                     device=device, include_reference=not args.no_reference)
+    if "compile" in args.only:
+        report["compile"] = compile_benchmark(repeats=args.repeats, device=device)
     if "layer" in args.only:
         report["layer"] = layer_benchmark(device=device)
     if "memory" in args.only:
