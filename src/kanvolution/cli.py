@@ -330,15 +330,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
         raise CliError(f"no model matches {args.pattern!r}; valid models: {', '.join(list_models())}")
-    rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)")]
+    from kanvolution.experiments.config import DEFAULT_GRID_SIZE, default_grid_size
+
+    rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)", "params (own default gs)")]
     for name in names:
         info = model_info(name)
         if info.has_kan:
             counts = [f"{count_parameters(create_model(name, grid_size=g)):,}" for g in (10, 20)]
+            own = default_grid_size(name)
+            counts.append(f"{count_parameters(create_model(name)):,} (gs = {own})" if own != DEFAULT_GRID_SIZE else "")
         else:
-            counts = [f"{count_parameters(create_model(name)):,}", ""]
+            counts = [f"{count_parameters(create_model(name)):,}", "", ""]
         rows.append((name, info.table_name, *counts))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(

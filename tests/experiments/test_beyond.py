@@ -283,3 +283,19 @@ def test_beyond_protocol_runs_seeds_skips_finished_runs_and_writes_a_table(tmp_p
     before = (tmp_path / "cnn_small" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     reproduce(cfg, log=lambda line: None)
     assert (tmp_path / "cnn_small" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_command_line_options_reach_the_run(tmp_path, shared_data_dir, capsys):
+    from kanvolution.cli import main
+
+    assert main(["models", "*small_net*"]) == 0
+    assert "96,994 (gs = 4)" in capsys.readouterr().out
+    out = tmp_path / "run"
+    argv = ["train", "--model", "cnn_small", "--dataset", "fashion-mnist", "--out", str(out), "--epochs", "2",
+            "--data-dir", str(shared_data_dir), "--no-download", "--max-train-samples", "256",
+            "--max-test-samples", "128", "--val-fraction", "0.25", "--lr-schedule", "warmup-cosine",
+            "--warmup-epochs", "1", "--label-smoothing", "0.1", "--crop-padding", "2", "--hflip"]
+    assert main(argv) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["lr_schedule"], config["warmup_epochs"], config["label_smoothing"]) == ("warmup-cosine", 1, 0.1)
+    assert (config["crop_padding"], config["hflip"], config["val_fraction"]) == (2, True, 0.25)

@@ -160,7 +160,9 @@ def _evaluate_split(
 # Training
 
 
-def smoothed_nll_loss(log_probs: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def smoothed_nll_loss(
+    log_probs: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Negative log-likelihood with label smoothing, on log-probabilities (the zoo's outputs).
 
     ``(1 - smoothing) * nll + smoothing * mean over classes of -log p``: the loss of
