@@ -149,6 +149,13 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument(
         "--hflip", action="store_true", help="augment: mirror half the training images (fashion-mnist only)"
     )
+    p.add_argument(
+        "--grid-update-epochs",
+        type=int,
+        default=d.grid_update_epochs,
+        metavar="N",
+        help="after each of the first N epochs, adapt the KAN layers' knots to their inputs (default: 0)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help=f"torch seed (default: {d.seed})")
     p.add_argument(
         "--val-fraction",
@@ -188,6 +195,7 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
         label_smoothing=args.label_smoothing,
         crop_padding=args.crop_padding,
         hflip=args.hflip,
+        grid_update_epochs=args.grid_update_epochs,
         seed=args.seed,
         val_fraction=args.val_fraction,
         precision=args.precision,

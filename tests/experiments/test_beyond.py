@@ -299,3 +299,37 @@ def test_command_line_options_reach_the_run(tmp_path, shared_data_dir, capsys):
     config = json.loads((out / "results.json").read_text())["config"]
     assert (config["lr_schedule"], config["warmup_epochs"], config["label_smoothing"]) == ("warmup-cosine", 1, 0.1)
     assert (config["crop_padding"], config["hflip"], config["val_fraction"]) == (2, True, 0.25)
+
+
+def test_grid_updates_move_the_knots_and_resume_exactly(recipe, tmp_path):
+    from kanvolution.functional import uniform_knots
+
+    def grids(run_dir):
+        state = load_checkpoint(run_dir)["model"]
+        return {k: v for k, v in state.items() if k.endswith(".grid")}
+
+    options = dict(model="kanc_mlp_small", grid_size=3, epochs=2, max_train_samples=256, max_test_samples=64)
+    train(recipe(**options), tmp_path / "plain", log=None)
+    straight = train(recipe(grid_update_epochs=1, **options), tmp_path / "updated", log=None)
+    plain, updated = grids(tmp_path / "plain"), grids(tmp_path / "updated")
+    assert plain.keys() == updated.keys() and len(plain) == 2
+    for key, grid in plain.items():
+        assert torch.equal(grid, uniform_knots(3, 3, (-1.0, 1.0), channels=grid.shape[0]).to(grid)), key
+        assert not torch.equal(updated[key], grid), key
+
+    def stop(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe(grid_update_epochs=1, **options), tmp_path / "resumed", log=stop)
+    resumed = train(recipe(grid_update_epochs=1, **options), tmp_path / "resumed", resume=True, log=None)
+    assert _untimed(resumed["history"]) == _untimed(straight["history"])
+    for key, grid in grids(tmp_path / "resumed").items():
+        assert torch.equal(grid, updated[key]), key
+
+
+def test_grid_updates_need_kan_layers(recipe, tmp_path):
+    with pytest.raises(ConfigError, match="no grids to update"):
+        train(recipe(model="cnn_small", grid_update_epochs=1), tmp_path, log=None)
+    with pytest.raises(ConfigError, match="grid_update_epochs"):
+        recipe(grid_update_epochs=-1).validate()

@@ -56,6 +56,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # training loss: (1 - s) * NLL + s * mean over classes of -log p
     crop_padding: int = 0  # augmentation: pad each training image by this many pixels, crop back at random; 0 = off
     hflip: bool = False  # augmentation: mirror half the training images (Fashion-MNIST only; digits are not symmetric)
+    grid_update_epochs: int = 0  # after each of the first N epochs, adapt every KAN layer's knots to its inputs
     seed: int = 0  # torch seed for initialisation and shuffling; the paper's final runs use 0
     val_fraction: float = 0.0  # 0 = train on the whole training set; >0 = hold this part out (paper: 0.2)
     split_seed: int = 0  # generator seed of the train/validation split (the paper's random_split uses 0)
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.crop_padding, int) or not 0 <= self.crop_padding < 28:
             raise ConfigError(f"crop_padding must be an integer in [0, 28), got {self.crop_padding!r}")
+        if not isinstance(self.grid_update_epochs, int) or self.grid_update_epochs < 0:
+            raise ConfigError(f"grid_update_epochs must be a non-negative integer, got {self.grid_update_epochs!r}")
         if self.hflip and self.dataset != "fashion-mnist":
             raise ConfigError(f"hflip is for fashion-mnist only (mirrored digits change meaning), got {self.dataset!r}")
         if not self.eval_test and self.val_fraction == 0:
@@ -126,6 +129,7 @@ _RESUME_MUST_MATCH = (
     "label_smoothing",
     "crop_padding",
     "hflip",
+    "grid_update_epochs",
     "seed",
     "val_fraction",
     "split_seed",
@@ -156,6 +160,8 @@ def resolved_grid_size(config: TrainConfig) -> int | None:
         return config.grid_size if config.grid_size is not None else default_grid_size(config.model)
     if config.grid_size is not None:
         raise ConfigError(f"model {config.model!r} has no KAN layers, so it takes no grid size")
+    if config.grid_update_epochs:
+        raise ConfigError(f"model {config.model!r} has no KAN layers, so it has no grids to update")
     return None
 
 

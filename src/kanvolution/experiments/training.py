@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KanvolutionError
+from ..layers import update_grids
 from .checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 NUM_CLASSES = 10
+GRID_UPDATE_SAMPLES = 1024  # the first training images, fed through the model to place the knots
 
 
 class NonFiniteLossError(KanvolutionError, RuntimeError):
@@ -477,6 +479,8 @@ def _train(
             )
             if scheduler is not None and step_scheduler is None:
                 scheduler.step()
+            if epoch <= config.grid_update_epochs:
+                _update_grids(model, train_images[:GRID_UPDATE_SAMPLES], device)
             entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             entry["train_seconds"] = time.perf_counter() - started
             for split in ("test", "val"):
@@ -509,6 +513,15 @@ def _train(
         if dist.is_main and history:
             _draw_curves(out / CURVES_FILE, history, title)
     return write(FINISHED)
+
+
+@torch.no_grad()
+def _update_grids(model: nn.Module, images: torch.Tensor, device: torch.device) -> None:
+    """Adapt every KAN layer's knots to the inputs ``images`` bring it (BatchNorm in eval mode)."""
+    was_training = model.training
+    model.eval()
+    update_grids(model, images.to(device))
+    model.train(was_training)
 
 
 def _draw_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
