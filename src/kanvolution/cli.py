@@ -104,7 +104,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub: Any) -> None:
-    from kanvolution.experiments.config import DEFAULT_GRID_SIZE, PRECISIONS, TrainConfig
+    from kanvolution.experiments.config import DEFAULT_GRID_SIZE, LR_SCHEDULES, PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -136,7 +136,34 @@ def _add_train_parser(sub: Any) -> None:
         "--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default: {d.weight_decay:g})"
     )
     p.add_argument(
-        "--lr-schedule", choices=("none", "cosine"), default=d.lr_schedule, help="(default: none, as in the paper)"
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help="cosine: per epoch to 0; warmup-cosine: per step, linear warm-up over --warmup-epochs then cosine to 0"
+        " (default: none, as in the paper)",
+    )
+    p.add_argument(
+        "--warmup-epochs", type=int, default=d.warmup_epochs, help="warm-up of --lr-schedule warmup-cosine (default: 0)"
+    )
+    p.add_argument(
+        "--label-smoothing", type=float, default=d.label_smoothing, help="of the training loss (default: 0)"
+    )
+    p.add_argument(
+        "--crop-padding",
+        type=int,
+        default=d.crop_padding,
+        metavar="P",
+        help="augment: pad training images by P pixels and crop back at random (default: 0, off)",
+    )
+    p.add_argument(
+        "--hflip", action="store_true", help="augment: mirror half the training images (fashion-mnist only)"
+    )
+    p.add_argument(
+        "--grid-update-epochs",
+        type=int,
+        default=d.grid_update_epochs,
+        metavar="N",
+        help="after each of the first N epochs, adapt the KAN layers' knots to their inputs (default: 0)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help=f"torch seed (default: {d.seed})")
     p.add_argument(
@@ -173,6 +200,11 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
         lr=args.lr,
         weight_decay=args.weight_decay,
         lr_schedule=args.lr_schedule,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        crop_padding=args.crop_padding,
+        hflip=args.hflip,
+        grid_update_epochs=args.grid_update_epochs,
         seed=args.seed,
         val_fraction=args.val_fraction,
         precision=args.precision,
@@ -345,15 +377,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names:
         raise CliError(f"no model matches {args.pattern!r}; valid models: {', '.join(list_models())}")
-    rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)")]
+    from kanvolution.experiments.config import DEFAULT_GRID_SIZE, default_grid_size
+
+    rows = [("name", "paper name", "params (gs = 10)", "params (gs = 20)", "params (own default gs)")]
     for name in names:
         info = model_info(name)
         if info.has_kan:
             counts = [f"{count_parameters(create_model(name, grid_size=g)):,}" for g in (10, 20)]
+            own = default_grid_size(name)
+            counts.append(f"{count_parameters(create_model(name)):,} (gs = {own})" if own != DEFAULT_GRID_SIZE else "")
         else:
-            counts = [f"{count_parameters(create_model(name)):,}", ""]
+            counts = [f"{count_parameters(create_model(name)):,}", "", ""]
         rows.append((name, info.table_name, *counts))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(
@@ -431,14 +467,17 @@ def _add_reproduce_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("paper", "paper-configs", "fixed"),
+        choices=("paper", "paper-configs", "fixed", "beyond"),
         default="paper",
         help="paper: search then retrain; paper-configs: the configurations the paper's own search chose"
-        " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search",
+        " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search; beyond: the"
+        " small nets (default models kan_small_net cnn_small_net_matched, each at its own grid size) with"
+        " warm-up + cosine, label smoothing, random crops (and flips on fashion-mnist), validation-selected"
+        " epoch, for --epochs, once per --seeds",
     )
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
-        help="torch seeds of --protocol paper-configs (default: 0 1 2)",
+        help="torch seeds of --protocol paper-configs and beyond (default: 0 1 2)",
     )
     p.add_argument(
         "--epochs",
@@ -472,10 +511,10 @@ def _add_reproduce_parser(sub: Any) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from kanvolution.experiments.reproduce import PAPER_MODELS, ReproduceConfig, reproduce
+    from kanvolution.experiments.reproduce import BEYOND_MODELS, PAPER_MODELS, ReproduceConfig, reproduce
 
     _check_dataset(args.dataset)
-    models = args.models or list(PAPER_MODELS)
+    models = args.models or list(BEYOND_MODELS if args.protocol == "beyond" else PAPER_MODELS)
     for name in models:
         _check_model(name)
     if args.trials > 8:

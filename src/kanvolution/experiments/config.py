@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,17 +15,20 @@ from .models import DEFAULT_GRID_SIZE, create_model, model_info
 
 __all__ = [
     "DEFAULT_GRID_SIZE",
+    "LR_SCHEDULES",
     "PRECISIONS",
     "ConfigError",
     "TrainConfig",
     "build_model",
     "check_resume",
+    "default_grid_size",
     "display_name",
     "model_takes_grid_size",
     "resolved_grid_size",
 ]
 
 PRECISIONS = ("32", "bf16-mixed")
+LR_SCHEDULES = ("none", "cosine", "warmup-cosine")
 
 
 class ConfigError(KanvolutionError, ValueError):
@@ -45,7 +49,14 @@ class TrainConfig:
     eval_batch_size: int = 512  # only affects speed and memory, never the metrics
     lr: float = 1e-3  # AdamW learning rate; the paper's grid is {1e-4, 5e-4, 1e-3}
     weight_decay: float = 1e-4  # top of the paper's grid {0, 1e-5, 1e-4}; AdamW's own 1e-2 is far above it
-    lr_schedule: Literal["none", "cosine"] = "none"  # "none" as in the paper; "cosine" anneals to 0 over `epochs`
+    lr_schedule: Literal["none", "cosine", "warmup-cosine"] = "none"  # "none" as in the paper; "cosine" anneals
+    # to 0 over `epochs`, stepped per epoch; "warmup-cosine" rises linearly over `warmup_epochs`, then anneals to 0
+    # by the last step, stepped per optimiser step
+    warmup_epochs: int = 0  # linear warm-up length of "warmup-cosine", in epochs
+    label_smoothing: float = 0.0  # training loss: (1 - s) * NLL + s * mean over classes of -log p
+    crop_padding: int = 0  # augmentation: pad each training image by this many pixels, crop back at random; 0 = off
+    hflip: bool = False  # augmentation: mirror half the training images (Fashion-MNIST only; digits are not symmetric)
+    grid_update_epochs: int = 0  # after each of the first N epochs, adapt every KAN layer's knots to its inputs
     seed: int = 0  # torch seed for initialisation and shuffling; the paper's final runs use 0
     val_fraction: float = 0.0  # 0 = train on the whole training set; >0 = hold this part out (paper: 0.2)
     split_seed: int = 0  # generator seed of the train/validation split (the paper's random_split uses 0)
@@ -76,8 +87,20 @@ class TrainConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.lr_schedule not in ("none", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'none' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must be an integer in [0, epochs), got {self.warmup_epochs!r}")
+        if self.warmup_epochs and self.lr_schedule != "warmup-cosine":
+            raise ConfigError(f"warmup_epochs needs lr_schedule 'warmup-cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if not isinstance(self.crop_padding, int) or not 0 <= self.crop_padding < 28:
+            raise ConfigError(f"crop_padding must be an integer in [0, 28), got {self.crop_padding!r}")
+        if not isinstance(self.grid_update_epochs, int) or self.grid_update_epochs < 0:
+            raise ConfigError(f"grid_update_epochs must be a non-negative integer, got {self.grid_update_epochs!r}")
+        if self.hflip and self.dataset != "fashion-mnist":
+            raise ConfigError(f"hflip is for fashion-mnist only (mirrored digits change meaning), got {self.dataset!r}")
         if not self.eval_test and self.val_fraction == 0:
             raise ConfigError("a run that skips the test set needs a validation split (val_fraction > 0)")
         if self.selected_epoch is not None and self.selected_epoch > self.epochs:
@@ -102,6 +125,11 @@ _RESUME_MUST_MATCH = (
     "lr",
     "weight_decay",
     "lr_schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "crop_padding",
+    "hflip",
+    "grid_update_epochs",
     "seed",
     "val_fraction",
     "split_seed",
@@ -121,12 +149,19 @@ def model_takes_grid_size(name: str) -> bool:
     return model_info(name).has_kan
 
 
+def default_grid_size(name: str) -> int:
+    """The grid size the KAN model ``name`` is built with when none is given (10 for the paper's models)."""
+    return int(inspect.signature(model_info(name).builder).parameters["grid_size"].default)
+
+
 def resolved_grid_size(config: TrainConfig) -> int | None:
     """The grid size the run's model is built with: ``None`` for a model without KAN layers."""
     if model_takes_grid_size(config.model):
-        return config.grid_size if config.grid_size is not None else DEFAULT_GRID_SIZE
+        return config.grid_size if config.grid_size is not None else default_grid_size(config.model)
     if config.grid_size is not None:
         raise ConfigError(f"model {config.model!r} has no KAN layers, so it takes no grid size")
+    if config.grid_update_epochs:
+        raise ConfigError(f"model {config.model!r} has no KAN layers, so it has no grids to update")
     return None
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "iterate_batches",
     "num_batches",
     "train_val_split",
+    "augment_batch",
 ]
 
 DatasetName = Literal["mnist", "fashion-mnist"]
@@ -608,3 +609,57 @@ def train_val_split(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[T
         lengths[i % 2] += 1
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[: lengths[0]], order[lengths[0] :]
+
+
+def augment_batch(
+    images: Tensor,
+    *,
+    crop_padding: int = 0,
+    hflip: bool = False,
+    generator: torch.Generator | None = None,
+    fill: float = -1.0,
+) -> Tensor:
+    """Random crops (and horizontal flips) of a batch of images, drawn per image, on tensors.
+
+    Each image is padded by ``crop_padding`` pixels of ``fill`` on every side and cropped back to
+    its size at a uniformly random offset; with ``hflip`` each image is then mirrored left-right
+    with probability 1/2. The draws come from ``generator`` only, so a seeded generator gives the
+    same batches again.
+
+    Args:
+        images: ``(N, C, H, W)``.
+        crop_padding: padding of the random crop in pixels; 0 = no crop.
+        hflip: mirror half the images (on average).
+        generator: the random source (the global torch RNG if ``None``).
+        fill: the value of padded pixels; -1 is black in :func:`normalize`'s range.
+
+    Returns:
+        A new ``(N, C, H, W)`` tensor (``images`` itself when nothing is asked).
+
+    Examples:
+        >>> x = torch.arange(16.0).view(1, 1, 4, 4)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> augment_batch(x, crop_padding=1, generator=g).shape
+        torch.Size([1, 1, 4, 4])
+        >>> bool((augment_batch(x) == x).all())
+        True
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+        raise ValueError(f"crop_padding must be a non-negative int, got {crop_padding!r}")
+    n, _, height, width = images.shape
+    out = images
+    if crop_padding:
+        p = crop_padding
+        padded = torch.nn.functional.pad(images, (p, p, p, p), value=fill)
+        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(images.device)
+        rows = (offsets[0, :, None] + torch.arange(height, device=images.device))[:, None, :, None]
+        cols = (offsets[1, :, None] + torch.arange(width, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        out = padded[batch, channel, rows, cols]
+    if hflip:
+        mirror = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        out = torch.where(mirror[:, None, None, None], out.flip(-1), out)
+    return out

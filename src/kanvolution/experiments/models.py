@@ -35,6 +35,8 @@ __all__ = [
     "cnn_big",
     "cnn_more_convs",
     "ckan_bn",
+    "kan_small_net",
+    "cnn_small_net_matched",
 ]
 
 DEFAULT_GRID_SIZE = 10
@@ -333,3 +335,64 @@ def ckan_bn(grid_size: int = DEFAULT_GRID_SIZE, **kan_options: Any) -> ZooModel:
         ("fc2", nn.Linear(256, 10)),
     ]
     return ZooModel(layers, paper_name=paper_name("ckan_bn", grid_size))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Small networks beyond the paper: four 3x3 "same" convolutions (28x28, 14x14, 7x7, 3x3), each
+# followed by max pooling (not the last) and BatchNorm, then global average pooling and one
+# Linear layer; under 100K parameters.
+
+# Most parameters sit at low resolution (7x7, 3x3): the cost of a layer is about its parameter
+# count times its number of output pixels, for KAN convs and convs alike.
+_SMALL_NET_WIDTHS = (8, 16, 24, 28)  # KAN convs: 9 parameters per tap and channel pair at grid size 4
+_SMALL_NET_CNN_WIDTHS = (24, 48, 72, 84)  # 3x wider convs: about the same parameter count
+SMALL_NET_GRID_SIZE = 4
+SMALL_NET_GRID_RANGE = (-2.0, 2.0)  # inputs after BatchNorm: about 95% of them lie inside
+
+
+def _small_net(
+    conv: Callable[[int, int], nn.Module], after_norm: Callable[[], list[nn.Module]], widths: tuple[int, ...]
+) -> list[tuple[str, nn.Module]]:
+    """``conv(in, out)``, max pooling (not after the last), BatchNorm, ``after_norm()`` per
+    width; then global average pooling and ``Linear(widths[-1], 10)``."""
+    layers: list[tuple[str, nn.Module]] = []
+    channels = 1
+    for index, width in enumerate(widths, start=1):
+        layers.append((f"conv{index}", conv(channels, width)))
+        if index < len(widths):
+            layers.append((f"pool{index}", nn.MaxPool2d(2)))
+        layers.append((f"bn{index}", nn.BatchNorm2d(width)))
+        layers += [(f"{type(m).__name__.lower()}{index}", m) for m in after_norm()]
+        channels = width
+    return layers + [("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc1", nn.Linear(channels, 10))]
+
+
+@register_model("KAN small net")
+def kan_small_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->8, pool, BN, KAN conv 8->16, pool, BN, KAN conv 16->24, pool, BN, KAN conv 24->28, BN, GAP, Linear 28->10.
+
+    Every KAN conv is 3x3 with padding 1. The first sees the images in ``[-1, 1]`` (the default
+    grid range); the others follow a BatchNorm and use the grid range ``(-2, 2)`` unless
+    ``kan_options`` give one. ``kan_options`` go to every KAN conv.
+    """
+
+    def conv(in_channels: int, out_channels: int) -> KANConv2d:
+        options = {"padding": 1, "grid_size": grid_size, **kan_options}
+        if in_channels > 1:
+            options.setdefault("grid_range", SMALL_NET_GRID_RANGE)
+        return KANConv2d(in_channels, out_channels, 3, **options)
+
+    layers = _small_net(conv, lambda: [], _SMALL_NET_WIDTHS)
+    return ZooModel(layers, paper_name=paper_name("kan_small_net", grid_size))
+
+
+@register_model("CNN small net (matched)")
+def cnn_small_net_matched() -> ZooModel:
+    """Conv 1->24, pool, BN, ReLU, conv 24->48, pool, BN, ReLU, conv 48->72, pool, BN, ReLU, conv 72->84, BN, ReLU, GAP, Linear 84->10.
+
+    The layout of :func:`kan_small_net` with a ReLU after each BatchNorm and 3x the channels, so
+    that its parameter count is within 10% of the KAN net's at grid size 4.
+    """
+    layers = _small_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _SMALL_NET_CNN_WIDTHS)
+    return ZooModel(layers, paper_name=paper_name("cnn_small_net_matched"))

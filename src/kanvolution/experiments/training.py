@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import KanvolutionError
+from ..layers import update_grids
 from .checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -30,7 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, build_model, check_resume, display_name, resolved_grid_size
-from .data import iterate_batches, load_dataset, train_val_split
+from .data import augment_batch, iterate_batches, load_dataset, train_val_split
 from .distributed import Dist, init_distributed, shard_batch
 from .environment import environment
 from .files import RunLock, write_json
@@ -45,10 +46,13 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "resolve_device",
+    "smoothed_nll_loss",
     "train",
+    "warmup_cosine",
 ]
 
 NUM_CLASSES = 10
+GRID_UPDATE_SAMPLES = 1024  # the first training images, fed through the model to place the knots
 
 
 class NonFiniteLossError(KanvolutionError, RuntimeError):
@@ -158,6 +162,43 @@ def _evaluate_split(
 # Training
 
 
+def smoothed_nll_loss(
+    log_probs: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Negative log-likelihood with label smoothing, on log-probabilities (the zoo's outputs).
+
+    ``(1 - smoothing) * nll + smoothing * mean over classes of -log p``: the loss of
+    ``F.cross_entropy(logits, target, label_smoothing=smoothing)``; exactly ``F.nll_loss`` at 0.
+
+    Examples:
+        >>> log_probs = torch.log(torch.tensor([[0.5, 0.5]]))
+        >>> round(float(smoothed_nll_loss(log_probs, torch.tensor([0]), 0.1)), 4)
+        0.6931
+    """
+    nll = F.nll_loss(log_probs, target, reduction=reduction)
+    if smoothing == 0:
+        return nll
+    uniform = -log_probs.mean(dim=1)
+    uniform = uniform.sum() if reduction == "sum" else uniform.mean()
+    return (1 - smoothing) * nll + smoothing * uniform
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor of optimiser step ``step`` (0-based): linear warm-up, then cosine.
+
+    Rises as ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps, then falls
+    from 1 along half a cosine to 0 at ``total_steps``.
+
+    Examples:
+        >>> [round(warmup_cosine(s, 2, 6), 3) for s in range(7)]
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
     """The device ``name`` ("auto", "cpu", "cuda", "cuda:1", ...) stands for, checked to be usable.
 
@@ -212,8 +253,12 @@ def _train_epoch(
     device: torch.device,
     dist: Dist,
     epoch: int,
+    step_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> float:
-    """One pass over the training images; returns the mean training loss."""
+    """One pass over the training images (augmented as ``config`` asks); returns the mean training loss.
+
+    ``step_scheduler`` is stepped after every optimiser step.
+    """
     model.train()
     loss_total = 0.0
     steps = math.ceil(len(labels) / config.batch_size)
@@ -224,16 +269,18 @@ def _train_epoch(
         _progress(batches, config.progress, dist, total=steps, desc=f"epoch {epoch}/{config.epochs}")
     ):
         batch = len(y)
+        if config.crop_padding or config.hflip:
+            x = augment_batch(x, crop_padding=config.crop_padding, hflip=config.hflip, generator=generator)
         x, y = shard_batch(x, y, dist.rank, dist.world_size)
         with _autocast(config.precision, device):
             out = model(x.to(device))
             if dist.world_size == 1:
-                loss = F.nll_loss(out, y.to(device))
+                loss = smoothed_nll_loss(out, y.to(device), config.label_smoothing)
                 batch_loss = loss.detach().float() * batch
             else:
                 # Sum over the shard, scaled so that DDP's gradient average is the gradient of the
                 # mean over the whole batch even when shards differ in size.
-                shard_sum = F.nll_loss(out, y.to(device), reduction="sum")
+                shard_sum = smoothed_nll_loss(out, y.to(device), config.label_smoothing, reduction="sum")
                 loss = shard_sum * (dist.world_size / batch)
                 batch_loss = shard_sum.detach().float().clone()
         if dist.world_size > 1:
@@ -245,6 +292,8 @@ def _train_epoch(
             # Checked before the step, so the weights in memory are still those of the last good step.
             raise NonFiniteLossError(f"training loss became {value} at epoch {epoch}, step {step + 1}")
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         loss_total += value
     return loss_total / len(labels)
 
@@ -366,6 +415,12 @@ def _train(
     scheduler = None
     if config.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    elif config.lr_schedule == "warmup-cosine":
+        steps = math.ceil(len(train_labels) / config.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, config.warmup_epochs * steps, config.epochs * steps)
+        )
+    step_scheduler = scheduler if config.lr_schedule == "warmup-cosine" else None
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
 
@@ -420,10 +475,12 @@ def _train(
         for epoch in range(len(history) + 1, config.epochs + 1):
             started = time.perf_counter()
             train_loss = _train_epoch(
-                net, optimizer, train_images, train_labels, config, generator, device, dist, epoch
+                net, optimizer, train_images, train_labels, config, generator, device, dist, epoch, step_scheduler
             )
-            if scheduler is not None:
+            if scheduler is not None and step_scheduler is None:
                 scheduler.step()
+            if epoch <= config.grid_update_epochs:
+                _update_grids(model, train_images[:GRID_UPDATE_SAMPLES], device)
             entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
             entry["train_seconds"] = time.perf_counter() - started
             for split in ("test", "val"):
@@ -456,6 +513,15 @@ def _train(
         if dist.is_main and history:
             _draw_curves(out / CURVES_FILE, history, title)
     return write(FINISHED)
+
+
+@torch.no_grad()
+def _update_grids(model: nn.Module, images: torch.Tensor, device: torch.device) -> None:
+    """Adapt every KAN layer's knots to the inputs ``images`` bring it (BatchNorm in eval mode)."""
+    was_training = model.training
+    model.eval()
+    update_grids(model, images.to(device))
+    model.train(was_training)
 
 
 def _draw_curves(path: Path, history: list[dict[str, Any]], title: str) -> None:
