@@ -414,7 +414,8 @@ def test_killed_run_shows_in_table_and_resumes(tmp_path, shared_data_dir, capsys
     import signal
 
     out = tmp_path / "runs" / "r"
-    argv = ["train", "--model", "cnn_small", "--epochs", "30", "--out", str(out), *_small(shared_data_dir)]
+    # More epochs than the run can reach before it is killed, however fast the machine.
+    argv = ["train", "--model", "cnn_small", "--epochs", "100000", "--out", str(out), *_small(shared_data_dir)]
     proc = _kanvolution(*argv)
     try:
         # results.json is written atomically after the epoch's checkpoint: wait for an epoch in it.
@@ -427,7 +428,11 @@ def test_killed_run_shows_in_table_and_resumes(tmp_path, shared_data_dir, capsys
     assert json.loads((out / "results.json").read_text())["status"] == "running"  # the process had no say
     assert main(["table", str(tmp_path / "runs")]) == 0
     assert "| CNN (Small) [killed] |" in capsys.readouterr().out
-    argv[argv.index("30")] = "2"
+    # The kill may land between an epoch's checkpoint and its results.json: continue one epoch
+    # past what the checkpoint holds.
+    from kanvolution.experiments.checkpoint import load_checkpoint
+
+    argv[argv.index("100000")] = str(load_checkpoint(out)["epoch"] + 1)
     assert main([*argv, "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["status"] == "finished"
 
