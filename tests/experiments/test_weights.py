@@ -28,7 +28,9 @@ def _build_kwargs(card: dict) -> dict:
 
 def test_the_zoo_ships_weights():
     assert len(SHIPPED) >= 10
+    table = (weights.PRETRAINED_DIR / "README.md").read_text()
     for tag, card in _index().items():
+        assert f"| `{tag}` |" in table and card["sha256"] in table
         assert (weights.PRETRAINED_DIR / card["file"]).is_file()
         assert 0.8 < card["test_accuracy"] < 1.0
         assert card["recipe"] and card["epochs"] >= 1

@@ -16,9 +16,10 @@ from .config import TrainConfig, build_model, resolved_grid_size
 from .files import atomic_write, write_json
 from .weights import INDEX_FILE, PRETRAINED_DIR, WeightsError, file_sha256, pretrained_tag
 
-__all__ = ["CHECK_IMAGES", "describe_recipe", "load_run_model", "save_pretrained"]
+__all__ = ["CHECK_IMAGES", "describe_recipe", "load_run_model", "pretrained_table", "save_pretrained"]
 
 CHECK_IMAGES = 256  # test images whose predictions a card records
+TABLE_FILE = "README.md"  # a pretrained folder's table of its cards
 
 
 def load_run_model(run_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -116,6 +117,28 @@ def save_pretrained(
     index_path = out / INDEX_FILE
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     index[tag] = card
-    write_json(index_path, dict(sorted(index.items())))
+    index = dict(sorted(index.items()))
+    write_json(index_path, index)
+    table = pretrained_table(index)
+    atomic_write(out / TABLE_FILE, lambda f: f.write(table), mode="w")
     return card
+
+
+def pretrained_table(index: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per card of a pretrained folder's ``index.json`` (written as its README)."""
+    lines = [
+        "# Pretrained weights",
+        "",
+        "Made with `kanvolution.experiments.runs.save_pretrained(run_dir)` from finished runs; loaded by",
+        "`create_model(name, grid_size=..., pretrained=True)`. Test metrics are those of the epoch the weights come from.",
+        "",
+        "| tag | model | dataset | params | epochs | test accuracy | test F1 | recipe | SHA-256 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for tag, card in index.items():
+        lines.append(
+            f"| `{tag}` | {card['name']} | {card['dataset']} | {card['params']:,} | {card['epochs']} |"
+            f" {100 * card['test_accuracy']:.2f}% | {100 * card['test_f1']:.2f}% | {card['recipe']} | `{card['sha256']}` |"
+        )
+    return "\n".join(lines) + "\n"
 
