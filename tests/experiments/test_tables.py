@@ -47,3 +47,9 @@ def test_seed_means_leave_out_runs_that_did_not_finish(runs):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and cells[2] == "85.00 ± 7.07"
     assert "Left out of the means" in table and "[killed]" in table and "[failed]" in table
+
+
+def test_one_seed_shows_no_spread(runs):
+    row = next(line for line in seed_table(runs[:1]).splitlines() if line.startswith("| CNN (Medium) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1" and cells[2] == "80.00"

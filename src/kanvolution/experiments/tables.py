@@ -403,7 +403,7 @@ def seed_table(files: Iterable[str | os.PathLike[str]], selection: Selection = "
         cells = [first.name, str(len(group))]
         for metric in _METRICS:
             mean, std = _mean_std([100 * getattr(r, metric) for r in group])
-            cells.append(f"{mean:.2f} ± {std:.2f}")
+            cells.append(f"{mean:.2f} ± {std:.2f}" if len(group) > 1 else f"{mean:.2f}")  # no spread from one seed
         cells.append("/".join(str(r.epoch) for r in group))
         cells.append(format_params(first.params))
         minutes = [r.minutes for r in group if r.minutes is not None]
