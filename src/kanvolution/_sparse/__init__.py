@@ -31,12 +31,13 @@ Examples:
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..ops import build
+from ..ops.bspline import _coefficients, _uniform_spacing
 from ._loader import load
 
 __all__ = [
@@ -54,26 +55,10 @@ __all__ = [
 _IntOrTuple = Union[int, Sequence[int]]
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernels can be built (builds them on the first call)."""
-    try:
-        load()
-    except RuntimeError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _coefficients(spline_order: int) -> tuple[Tensor, Tensor]:
-    """Monomial coefficients of the ``K + 1`` pieces (``coef[r][p]``) and of their derivatives."""
-    from ..functional import _uniform_pieces
-
-    A, D = _uniform_pieces(spline_order)
-    K = spline_order
-    coef = torch.tensor([[float(A[p][r]) for p in range(K + 1)] for r in range(K + 1)], dtype=torch.float64)
-    dcoef = torch.tensor([[float(D[p][r]) for p in range(K)] for r in range(K + 1)], dtype=torch.float64)
-    return coef.reshape(-1).contiguous(), dcoef.reshape(-1).contiguous()
+    """Whether the kernels can be built (builds them on the first call; the compiled CPU kernels
+    must be enabled, see :mod:`kanvolution.ops.build`)."""
+    return build.is_enabled() and load() is not None
 
 
 def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,8 +73,6 @@ def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: if some channel's knots are not uniform (adapted knots: use the dense path).
     """
-    from ..functional import _uniform_spacing
-
     if grid.dim() != 2 or grid.shape[1] < 4:
         raise ValueError(f"grid must be (C, G + 2K + 1) knots, got shape {tuple(grid.shape)}")
     spacing = _uniform_spacing(grid)
