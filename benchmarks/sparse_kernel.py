@@ -11,7 +11,7 @@ other jobs share the cores. Peak memory: each candidate runs one forward + backw
 process, and the growth of the resident set's high-water mark (Linux ``VmHWM``, everything the
 process touched: tensors and the kernels' scratch buffers) over the state after set-up is reported.
 
-Usage: ``python benchmarks/sparse_kernel.py [--threads 1 2] [--reps 5] [--no-layers] [--no-models] [--no-memory]
+Usage: ``python benchmarks/sparse_kernel.py [--threads 1 2] [--reps 5] [--no-layers] [--sweep] [--no-models] [--no-memory]
 [--out FILE]``
 """
 from __future__ import annotations
@@ -42,6 +42,15 @@ SHAPES = [
     ("KANC 5->10", 5, 10, (128, 5, 13, 13)),
 ]
 GRID_SIZES = (10, 20, 50)
+# --sweep: where the rule's two thresholds lie (output width at gs = 10, grid size for narrow layers).
+SWEEP = [
+    ((16, 8, (16, 16, 32, 32)), (10,)),
+    ((16, 16, (16, 16, 32, 32)), (10,)),
+    ((16, 32, (16, 16, 32, 32)), (10,)),
+    ((16, 64, (16, 16, 32, 32)), (10,)),
+    ((1, 5, (128, 1, 28, 28)), (30, 40)),
+    ((5, 10, (128, 5, 13, 13)), (30, 40)),
+]
 # Candidates: nn.Conv2d, then KANConv2d under each sparse mode.
 CANDIDATES = ("conv", "dense", "sparse", "auto")
 MODES = {"dense": "never", "sparse": "always", "auto": "auto"}
@@ -121,11 +130,13 @@ def _row(med: dict, med_cpu: dict, base: str, **info) -> dict:
             f"cpu_x_{base}": {c: round(v / med_cpu[base], 2) for c, v in med_cpu.items()}}
 
 
-def time_layers(threads: int, reps: int) -> list[dict]:
+def time_layers(threads: int, reps: int, sweep: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    for name, cin, cout, shape in SHAPES:
-        for gs in GRID_SIZES:
+    cases = ([(f"{cin}->{cout}", cin, cout, shape, gss) for (cin, cout, shape), gss in SWEEP] if sweep
+             else [(*shape, GRID_SIZES) for shape in SHAPES])
+    for name, cin, cout, shape, grid_sizes in cases:
+        for gs in grid_sizes:
             steps = {c: make_step(c, cin, cout, shape, gs) for c in CANDIDATES}
             row = _row(*_interleaved(steps, reps), "conv", layer=name, input=list(shape), gs=gs, threads=threads)
             rows.append(row)
@@ -190,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-layers", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the SWEEP layers instead of SHAPES")
     parser.add_argument("--no-models", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("sparse_kernel.json"))
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} "
           "(other processes share these cores: compare ratios from this run, not absolute times)")
     result = {"torch": torch.__version__, "cpus": os.cpu_count(), "load_average": load, "reps": args.reps,
-              "time": [] if args.no_layers else [row for t in args.threads for row in time_layers(t, args.reps)]}
+              "time": [] if args.no_layers else [row for t in args.threads for row in time_layers(t, args.reps, args.sweep)]}
     if not args.no_models:
         result["models"] = [row for t in args.threads for row in time_models(t, 3 * args.reps)]
     if not args.no_memory:

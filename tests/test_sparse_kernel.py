@@ -291,14 +291,14 @@ def _decision(layer, x, mode="auto"):
 
 def test_rule(sparse_calls):
     x32, x64 = torch.rand(1, 8, 6, 6), torch.rand(1, 8, 6, 6, dtype=F64)
-    # Wide enough (128 bytes of outputs per group) from grid size 10; any width from grid size 50.
+    # Wide enough (128 bytes of outputs per group) from grid size 10; any width from grid size 40.
     assert _decision(KANConv2d(8, 32, 3, grid_size=10), x32)
     assert not _decision(KANConv2d(8, 31, 3, grid_size=10), x32)
     assert not _decision(KANConv2d(8, 64, 3, grid_size=10, groups=4), x32)
     assert _decision(KANConv2d(8, 16, 3, grid_size=10, dtype=F64), x64)
     assert not _decision(KANConv2d(8, 32, 3, grid_size=9), x32)
-    assert _decision(KANConv2d(8, 5, 3, grid_size=50), x32)
-    assert not _decision(KANConv2d(8, 5, 3, grid_size=20), x32)
+    assert _decision(KANConv2d(8, 5, 3, grid_size=40), x32)
+    assert not _decision(KANConv2d(8, 5, 3, grid_size=39), x32)
     assert _decision(KANConv2d(8, 5, 3, grid_size=5), x32, "always")
     assert not _decision(KANConv2d(8, 64, 3, grid_size=50), x32, "never")
     # Never: adapted knots, another base activation, mixed dtypes (autocast), an empty batch.

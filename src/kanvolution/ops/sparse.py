@@ -10,7 +10,7 @@ term, spline order 1..16, float32/float64 with ``x``, knots and weight of one dt
 autocast), a non-empty batch, and the compiled CPU kernels enabled and built. Where they apply,
 the mode decides:
 
-- ``"auto"`` (the default): sparse when ``grid_size >= 50``, or when ``grid_size >= 10`` and the
+- ``"auto"`` (the default): sparse when ``grid_size >= 40``, or when ``grid_size >= 10`` and the
   layer has at least ``128 / itemsize`` output channels per group (32 in float32, 16 in float64);
 - ``"always"``: sparse wherever they apply;
 - ``"never"``: the dense path only.
@@ -37,9 +37,11 @@ __all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "bac
 
 ENV_VAR = "KANVOLUTION_SPARSE"
 MODES = ("auto", "always", "never")
-# The rule of "auto" (see the module docstring).
+# The rule of "auto" (see the module docstring), from benchmarks/sparse_kernel.py (1 thread): at
+# gs = 10 the sparse kernels tie with the dense path at 32 float32 outputs and win from 64 on;
+# on the paper's narrow layers (5 and 10 outputs) they tie or win from gs = 40 on.
 MIN_GRID_SIZE = 10
-MIN_GRID_SIZE_ANY_WIDTH = 50
+MIN_GRID_SIZE_ANY_WIDTH = 40
 MIN_OUTPUT_BYTES = 128
 
 _override: str | None = None
