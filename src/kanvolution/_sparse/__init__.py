@@ -61,6 +61,14 @@ def available() -> bool:
     return build.is_enabled() and load() is not None
 
 
+def _ops():
+    """The compiled ops; ``RuntimeError`` when they cannot be built (a warning said why)."""
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the sparse KAN CPU kernels could not be built (see the warning issued at the attempt)")
+    return ops
+
+
 def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
     """First knot ``t0`` and inverse spacing ``inv_h`` of each channel of uniform knots.
 
@@ -194,7 +202,7 @@ class _Conv:
     def forward(self, packed: Tensor) -> Tensor:
         n, o = self.x.shape[0], self.weight_shape[0]
         out = self.x.new_empty((n, *self.out_sizes, o))
-        load().forward(self.x, *self.args(), packed, *self.geometry(), out)
+        _ops().forward(self.x, *self.args(), packed, *self.geometry(), out)
         # (N, Do, Ho, Wo, O) -> (N, O, *spatial): channels-last strides, no copy.
         return out.reshape((n, *self.out_sizes[3 - self.ndim :], o)).movedim(-1, 1)
 
@@ -204,14 +212,14 @@ class _Conv:
 
     def grad_input(self, grad_out: Tensor, packed: Tensor, shape: torch.Size) -> Tensor:
         out = torch.empty_like(self.x)
-        load().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
+        _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
         return out.reshape(shape)
 
     def grad_weight(self, grad_out: Tensor) -> Tensor:
         c, og = self.x.shape[1], self.weight_shape[0] // self.groups
         taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
         packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
-        load().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
+        _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
         return unpack_weight(packed, self.weight_shape, self.groups, self.K)
 
 
