@@ -171,3 +171,209 @@ def test_bad_input_raises():
         _sparse.kan_conv(x, t0, inv_h, weight, 3, dilation=3)
     with pytest.raises(ValueError, match="spline_order"):
         _sparse.kan_conv(x, t0, inv_h, weight, 0)
+
+
+# -- behind the registered ops (kanvolution.ops.sparse) ------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from kanvolution import KANConv1d, KANConv2d, KANConv3d, KANLinear  # noqa: E402
+from kanvolution.models import create_model  # noqa: E402
+from kanvolution.ops import kan_backward, kan_forward  # noqa: E402
+from kanvolution.ops import sparse as S  # noqa: E402
+
+F32 = torch.float32
+OP_LAYERS = {
+    "linear": (lambda **kw: KANLinear(5, 17, grid_size=12, **kw), (4, 5)),
+    "conv1d": (lambda **kw: KANConv1d(2, 3, 3, padding=1, **kw), (2, 2, 9)),
+    "conv2d": (lambda **kw: KANConv2d(2, 40, 3, stride=(1, 2), groups=2, grid_size=10, **kw), (2, 2, 7, 8)),
+    "conv3d": (lambda **kw: KANConv3d(2, 3, 2, dilation=(1, 2, 1), **kw), (2, 2, 4, 6, 5)),
+}
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """Set the sparse mode for one test (``sparse_calls.mode = ...``) and count the op calls the
+    sparse kernels handled; the default mode comes back afterwards."""
+    counts = {"forward": 0, "backward": 0}
+
+    def counted(name, original):
+        def run(*args):
+            done = original(*args)
+            counts[name] += done is not None
+            return done
+        return run
+
+    monkeypatch.setattr(S, "forward", counted("forward", S.forward))
+    monkeypatch.setattr(S, "backward", counted("backward", S.backward))
+    yield counts
+    S.set_mode(None)
+
+
+def _op_layer(kind, dtype=F64):
+    make, shape = OP_LAYERS[kind]
+    torch.manual_seed(3)
+    layer = make(dtype=dtype)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    return layer, torch.randn(shape, dtype=dtype) * 1.3
+
+
+@pytest.mark.parametrize("kind", list(OP_LAYERS))
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_opcheck_on_the_sparse_path(sparse_calls, kind, dtype):
+    S.set_mode("always")
+    layer, x = _op_layer(kind, dtype)
+    channels_last = kind == "conv2d" and dtype == F32
+    xl = x.movedim(1, -1).contiguous() if channels_last else x.movedim(1, -1)
+    weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler).detach()
+    conf = ("bspline", layer.spline_order, "silu", list(getattr(layer, "stride", ())),
+            list(getattr(layer, "dilation", ())), layer.groups)
+    args = (xl.requires_grad_(), layer.grid, weight.requires_grad_(), *conf, channels_last)
+    torch.library.opcheck(kan_forward, args)
+    grad = torch.randn_like(kan_forward(*args))
+    for mask in ([True, True], [True, False], [False, True]):
+        torch.library.opcheck(kan_backward, (grad, xl.detach(), layer.grid, weight.detach(), *conf, mask))
+    assert sparse_calls["forward"] > 0 and sparse_calls["backward"] > 0
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("kind", list(OP_LAYERS))
+def test_layers_match_reference_on_both_paths(sparse_calls, mode, kind):
+    from kanvolution.reference import kan_conv_reference, kan_linear_reference
+
+    S.set_mode(mode)
+    layer, x = _op_layer(kind)
+    x.requires_grad_()
+    out = layer(x)
+    args = (x, layer.base_weight, layer.spline_weight, layer.spline_scaler, layer.grid, layer.bias)
+    if kind == "linear":
+        want = kan_linear_reference(*args, layer.spline_order, layer.base_activation)
+    else:
+        want = kan_conv_reference(*args, layer.stride, layer.padding, layer.dilation, layer.groups,
+                                  layer.padding_mode, layer.spline_order, layer.base_activation)
+    assert _rel(out, want) < 1e-9
+    params = [x, layer.base_weight, layer.spline_weight, layer.spline_scaler]
+    for got, exp in zip(torch.autograd.grad(out.square().sum(), params), torch.autograd.grad(want.square().sum(), params)):
+        assert _rel(got, exp) < 1e-9
+    expected_calls = 1 if mode == "always" else 0
+    assert sparse_calls == {"forward": expected_calls, "backward": expected_calls}
+
+
+def _train_step(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return [out.detach()] + [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "zoo"])
+def test_compile_aot_eager_on_the_sparse_path(sparse_calls, kind):
+    S.set_mode("always")
+    if kind == "zoo":
+        model, x = create_model("kanc_mlp_small"), torch.randn(4, 1, 28, 28)
+    else:
+        model, x = _op_layer(kind, F32)
+    want = _train_step(model, x)
+    calls = dict(sparse_calls)
+    torch._dynamo.reset()
+    got = _train_step(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+    assert sparse_calls["forward"] > calls["forward"] and sparse_calls["backward"] > calls["backward"]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+def _decision(layer, x, mode="auto"):
+    S.set_mode(mode)
+    weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler)
+    return S.use_sparse(x, layer.grid, weight, "bspline", layer.spline_order, "silu", layer.groups)
+
+
+def test_rule(sparse_calls):
+    x32, x64 = torch.rand(1, 8, 6, 6), torch.rand(1, 8, 6, 6, dtype=F64)
+    # Wide enough (128 bytes of outputs per group) from grid size 10; any width from grid size 40.
+    assert _decision(KANConv2d(8, 32, 3, grid_size=10), x32)
+    assert not _decision(KANConv2d(8, 31, 3, grid_size=10), x32)
+    assert not _decision(KANConv2d(8, 64, 3, grid_size=10, groups=4), x32)
+    assert _decision(KANConv2d(8, 16, 3, grid_size=10, dtype=F64), x64)
+    assert not _decision(KANConv2d(8, 32, 3, grid_size=9), x32)
+    assert _decision(KANConv2d(8, 5, 3, grid_size=40), x32)
+    assert not _decision(KANConv2d(8, 5, 3, grid_size=39), x32)
+    assert _decision(KANConv2d(8, 5, 3, grid_size=5), x32, "always")
+    assert not _decision(KANConv2d(8, 64, 3, grid_size=50), x32, "never")
+    # Never: adapted knots, another base activation, mixed dtypes (autocast), an empty batch.
+    adapted = KANConv2d(8, 64, 3, grid_size=50)
+    adapted.update_grid(torch.randn(4, 8, 6, 6))
+    assert not _decision(adapted, x32, "always")
+    layer = KANConv2d(8, 64, 3, grid_size=50)
+    weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler)
+    assert not S.use_sparse(x32, layer.grid, weight, "bspline", 3, "tanh", 1)
+    assert not S.use_sparse(x32, layer.grid, weight.bfloat16(), "bspline", 3, "silu", 1)
+    assert not S.use_sparse(x32[:0], layer.grid, weight, "bspline", 3, "silu", 1)
+    # Each of them still runs, on the dense path.
+    adapted(x32).sum().backward()
+    KANConv2d(8, 64, 3, grid_size=50, base_activation=nn.Tanh)(x32).sum().backward()
+    assert sparse_calls == {"forward": 0, "backward": 0}
+
+
+def test_mode_switches(monkeypatch):
+    monkeypatch.delenv(S.ENV_VAR, raising=False)
+    assert S.mode() == "auto"
+    monkeypatch.setenv(S.ENV_VAR, "Never")
+    assert S.mode() == "never"
+    S.set_mode("always")
+    assert S.mode() == "always"
+    S.set_mode(None)
+    assert S.mode() == "never"
+    monkeypatch.setenv(S.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="KANVOLUTION_SPARSE must be one of auto, always, never; got 'sometimes'"):
+        S.mode()
+    with pytest.raises(ValueError, match="sparse mode must be one of"):
+        S.set_mode("yes")
+
+
+def test_build_failure_warns_once_and_falls_back_to_dense(sparse_calls, monkeypatch):
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    from kanvolution._sparse import _loader
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    layer, x = _op_layer("conv2d")
+    S.set_mode("never")
+    want = layer(x)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    _loader.load.cache_clear()
+    try:
+        S.set_mode("always")
+        with pytest.warns(RuntimeWarning, match="could not build the sparse CPU kernels.*no compiler here.*dense path"):
+            out = layer(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(layer(x), out)
+        assert torch.equal(out, want)
+        assert not _sparse.available()
+    finally:
+        monkeypatch.undo()
+        _loader.load.cache_clear()
+    assert sparse_calls == {"forward": 0, "backward": 0}
+
+
+def test_one_build_mechanism_for_both_extensions(monkeypatch, tmp_path, capsys):
+    from torch.utils import cpp_extension
+
+    from kanvolution._sparse import _loader
+    from kanvolution.ops import build
+
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs))
+    assert build.build(_loader.SPARSE) is not None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "building the sparse CPU kernels" in err
+    assert seen["name"].startswith("kanvolution_sparse_torch") and seen["name"] != build.extension_name()
+    assert seen["extra_cflags"] == build.build_flags(native=True)[0]
+    assert (tmp_path / seen["name"]).is_dir() and not (tmp_path / seen["name"] / "kanvolution.pid").exists()

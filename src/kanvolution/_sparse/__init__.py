@@ -31,12 +31,13 @@ Examples:
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence, Union
 
 import torch
 from torch import Tensor
 
+from ..ops import build
+from ..ops.bspline import _coefficients, _uniform_spacing
 from ._loader import load
 
 __all__ = [
@@ -54,26 +55,18 @@ __all__ = [
 _IntOrTuple = Union[int, Sequence[int]]
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the kernels can be built (builds them on the first call)."""
-    try:
-        load()
-    except RuntimeError:
-        return False
-    return True
+    """Whether the kernels can be built (builds them on the first call; the compiled CPU kernels
+    must be enabled, see :mod:`kanvolution.ops.build`)."""
+    return build.is_enabled() and load() is not None
 
 
-@functools.lru_cache(maxsize=None)
-def _coefficients(spline_order: int) -> tuple[Tensor, Tensor]:
-    """Monomial coefficients of the ``K + 1`` pieces (``coef[r][p]``) and of their derivatives."""
-    from ..functional import _uniform_pieces
-
-    A, D = _uniform_pieces(spline_order)
-    K = spline_order
-    coef = torch.tensor([[float(A[p][r]) for p in range(K + 1)] for r in range(K + 1)], dtype=torch.float64)
-    dcoef = torch.tensor([[float(D[p][r]) for p in range(K)] for r in range(K + 1)], dtype=torch.float64)
-    return coef.reshape(-1).contiguous(), dcoef.reshape(-1).contiguous()
+def _ops():
+    """The compiled ops; ``RuntimeError`` when they cannot be built (a warning said why)."""
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the sparse KAN CPU kernels could not be built (see the warning issued at the attempt)")
+    return ops
 
 
 def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,8 +81,6 @@ def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: if some channel's knots are not uniform (adapted knots: use the dense path).
     """
-    from ..functional import _uniform_spacing
-
     if grid.dim() != 2 or grid.shape[1] < 4:
         raise ValueError(f"grid must be (C, G + 2K + 1) knots, got shape {tuple(grid.shape)}")
     spacing = _uniform_spacing(grid)
@@ -211,7 +202,7 @@ class _Conv:
     def forward(self, packed: Tensor) -> Tensor:
         n, o = self.x.shape[0], self.weight_shape[0]
         out = self.x.new_empty((n, *self.out_sizes, o))
-        load().forward(self.x, *self.args(), packed, *self.geometry(), out)
+        _ops().forward(self.x, *self.args(), packed, *self.geometry(), out)
         # (N, Do, Ho, Wo, O) -> (N, O, *spatial): channels-last strides, no copy.
         return out.reshape((n, *self.out_sizes[3 - self.ndim :], o)).movedim(-1, 1)
 
@@ -221,14 +212,14 @@ class _Conv:
 
     def grad_input(self, grad_out: Tensor, packed: Tensor, shape: torch.Size) -> Tensor:
         out = torch.empty_like(self.x)
-        load().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
+        _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
         return out.reshape(shape)
 
     def grad_weight(self, grad_out: Tensor) -> Tensor:
         c, og = self.x.shape[1], self.weight_shape[0] // self.groups
         taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
         packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
-        load().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
+        _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
         return unpack_weight(packed, self.weight_shape, self.groups, self.K)
 
 

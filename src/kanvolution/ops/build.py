@@ -7,23 +7,30 @@ left by a killed build is recognised by its dead process id and removed at once.
 fails (no compiler, no ninja, ...) a single warning is issued and the portable PyTorch
 implementation runs for the rest of the process.
 
-``KANVOLUTION_CPU_KERNELS=0`` disables the compiled loops, ``=1`` enables them (the default);
-:func:`set_enabled` overrides both within a process.
+Two extensions are built this way: the B-spline expansion loops (:func:`load`, namespace
+``kanvolution_cpu``) and the direct sparse kernels (``kanvolution._sparse``, namespace
+``kanvolution_sparse``), each an :class:`Extension` passed to :func:`build`.
+
+``KANVOLUTION_CPU_KERNELS=0`` disables the compiled loops (both extensions), ``=1`` enables them
+(the default); :func:`set_enabled` overrides both within a process.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["set_enabled", "is_enabled", "load", "extension_name", "build_flags", "MAX_ORDER"]
+__all__ = ["set_enabled", "is_enabled", "load", "build", "Extension", "extension_name", "build_flags",
+           "MAX_ORDER"]
 
 ENV_VAR = "KANVOLUTION_CPU_KERNELS"
 # Spline orders the compiled loops accept (kMaxOrder in the source); higher orders run portably.
@@ -53,19 +60,45 @@ def is_enabled() -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() not in ("0", "false", "off", "no")
 
 
-def build_flags() -> tuple[list[str], list[str]]:
-    """``(cflags, ldflags)`` of the build on this platform."""
+@dataclass(frozen=True)
+class Extension:
+    """One compiled extension: its source, the name prefix of its cache entry, the namespace its
+    ops register under (and the ops that must exist after loading), the words of the build line
+    and of the fallback warning, and whether it is tuned to the build machine's vector width."""
+
+    source: Path
+    prefix: str
+    namespace: str
+    ops: tuple[str, ...]
+    what: str
+    fallback: str
+    native: bool = False
+
+
+BSPLINE = Extension(SOURCE, _NAMESPACE, _NAMESPACE, ("expand", "grad_input"), "the compiled CPU kernels",
+                    "the portable PyTorch implementation")
+
+
+def build_flags(native: bool = False) -> tuple[list[str], list[str]]:
+    """``(cflags, ldflags)`` of the build on this platform; ``native``: for this machine's vector
+    units (GCC/Clang on x86-64 and ARM64; the cache entry is then per machine, as the build is)."""
+    if sys.platform == "win32":
+        return ["/O2"], []
+    cflags = ["-O3", "-fno-trapping-math"]
+    if native and platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+        cflags.append("-march=native")
     if sys.platform.startswith("linux"):
         # The objects then reference libgomp.so.1, which resolves to the copy torch has loaded:
         # one thread pool, and torch.set_num_threads applies to these loops too.
-        return ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
+        return cflags + ["-fopenmp"], ["-fopenmp"]
     # Without OpenMP flags at::parallel_for runs serially, which is still correct.
-    return (["/O2"] if sys.platform == "win32" else ["-O3", "-fno-trapping-math"]), []
+    return cflags, []
 
 
-def extension_name(source: str | None = None, flags: tuple[list[str], list[str]] | None = None) -> str:
-    """Cache name of the extension: torch version, then a digest of everything the binary depends
-    on (source, flags, torch build, Python version).
+def extension_name(source: str | None = None, flags: tuple[list[str], list[str]] | None = None,
+                   prefix: str = _NAMESPACE) -> str:
+    """Cache name of an extension: ``prefix``, torch version, then a digest of everything the
+    binary depends on (source, flags, torch build, Python version). Defaults: the B-spline loops.
 
     Examples:
         >>> extension_name("int x;", (["-O3"], [])).startswith("kanvolution_cpu_torch")
@@ -78,7 +111,7 @@ def extension_name(source: str | None = None, flags: tuple[list[str], list[str]]
     key = "\0".join([source, " ".join(cflags), " ".join(ldflags), *torch_build, str(sys.version_info[:2])])
     digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:12]
     version = "".join(c if c.isalnum() else "_" for c in torch.__version__)
-    return f"kanvolution_cpu_torch{version}_{digest}"
+    return f"{prefix}_torch{version}_{digest}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,43 +187,49 @@ def _ninja_on_path():
 
 
 def load():
-    """The compiled ops (``torch.ops.kanvolution_cpu``), building them on the first call; ``None``
-    if they cannot be built. Tries once per process."""
+    """The compiled B-spline loops (``torch.ops.kanvolution_cpu``), building them on the first
+    call; ``None`` if they cannot be built. Tries once per process."""
     global _ops, _attempted
     if _ops is not None or _attempted:
         return _ops
     _attempted = True
+    _ops = build(BSPLINE)
+    return _ops
+
+
+def build(ext: Extension):
+    """Build (or find in the cache) and load ``ext``; its ops namespace, or ``None`` after one
+    warning if it cannot be built. Callers keep the result: each call tries again."""
     try:
         from torch.utils import cpp_extension
 
-        cflags, ldflags = build_flags()
-        name = extension_name(SOURCE.read_text(), (cflags, ldflags))
+        cflags, ldflags = build_flags(ext.native)
+        name = extension_name(ext.source.read_text(), (cflags, ldflags), ext.prefix)
         directory = Path(cpp_extension._get_build_directory(name, False))
         with _ninja_on_path(), build_lock(directory):
             fresh = not any(directory.glob(f"{name}*.so")) and not any(directory.glob(f"{name}*.pyd"))
             start = time.perf_counter()
             if fresh:
-                print(f"kanvolution: building the compiled CPU kernels in {directory} ...", end="",
-                      file=sys.stderr, flush=True)
+                print(f"kanvolution: building {ext.what} in {directory} ...", end="", file=sys.stderr, flush=True)
             try:
-                cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
+                cpp_extension.load(name=name, sources=[str(ext.source)], extra_cflags=cflags,
                                    extra_ldflags=ldflags, is_python_module=False, verbose=False,
                                    build_directory=str(directory))
             finally:
                 if fresh:
                     print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        ops = getattr(torch.ops, _NAMESPACE)
-        ops.expand, ops.grad_input  # noqa: B018 - fail here, not on first use, if registration failed
-    except Exception as exc:  # anything at all: the portable path always works
+        ops = getattr(torch.ops, ext.namespace)
+        for op in ext.ops:  # fail here, not on first use, if registration failed
+            getattr(ops, op)
+    except Exception as exc:  # anything at all: the fallback always works
         message = " ".join(str(exc).split())
         if len(message) > 400:
             message = message[:400] + " ..."
         warnings.warn(
-            f"kanvolution: could not build the compiled CPU kernels ({type(exc).__name__}: {message}); "
-            f"using the portable PyTorch implementation. Set {ENV_VAR}=0 to skip the attempt.",
+            f"kanvolution: could not build {ext.what} ({type(exc).__name__}: {message}); "
+            f"using {ext.fallback}. Set {ENV_VAR}=0 to skip the attempt.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
-    _ops = ops
-    return _ops
+    return ops

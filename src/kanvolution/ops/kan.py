@@ -22,7 +22,8 @@ Dtypes: the expansion is computed in ``x``'s dtype (which must be ``state``'s), 
 convolution runs in ``weight``'s dtype, which is the output's. Under autocast the layers pass
 ``x`` and the knots in float32 and ``weight`` in the autocast dtype.
 
-Kernels: on CPU the basis family's compiled loops (``csrc/``) where they apply, the portable
+Kernels: on CPU the direct sparse kernels where :mod:`.sparse`'s rule picks them, else the basis
+family's compiled loops (``csrc/``) where they apply, the portable
 torch operations otherwise and on every other device. :func:`decompositions` maps the forward
 onto plain aten operations (dense expansion) for exporters such as ONNX.
 """
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import sparse
 from .activations import ACTIVATIONS
 from .bases import get_basis
 
@@ -190,11 +192,17 @@ def kan_backward(grad_out: Tensor, x: Tensor, state: Tensor, weight: Tensor, bas
 
 @kan_forward.register_kernel("cpu")
 def _forward_cpu(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last):
+    out = sparse.forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last)
+    if out is not None:
+        return out
     return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, True)
 
 
 @kan_backward.register_kernel("cpu")
 def _backward_cpu(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask):
+    grads = sparse.backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask)
+    if grads is not None:
+        return grads
     return _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
                      output_mask, True)
 

@@ -1,0 +1,130 @@
+"""When the op's CPU kernels run the direct sparse kernels (:mod:`kanvolution._sparse`).
+
+The dense fused path pays ``G + K + 1`` multiply-adds per kernel tap and output channel; the sparse
+kernels pay ``K + 2`` whatever the grid size, but at a lower rate per multiply-add. The CPU
+kernels of ``kanvolution::kan_forward`` / ``kan_backward`` call :func:`forward` / :func:`backward`
+first; they return ``None`` (nothing done) and the dense path runs when the rule says dense.
+
+The sparse kernels apply to B-spline bases on uniform knots (adapted knots: dense), the SiLU base
+term, spline order 1..16, float32/float64 with ``x``, knots and weight of one dtype (so not under
+autocast), a non-empty batch, and the compiled CPU kernels enabled and built. Where they apply,
+the mode decides:
+
+- ``"auto"`` (the default): sparse when ``grid_size >= 40``, or when ``grid_size >= 10`` and the
+  layer has at least ``128 / itemsize`` output channels per group (32 in float32, 16 in float64);
+- ``"always"``: sparse wherever they apply;
+- ``"never"``: the dense path only.
+
+The environment variable ``KANVOLUTION_SPARSE`` sets the mode; :func:`set_mode` overrides it
+within a process.
+
+Examples:
+    >>> set_mode("never"); mode()
+    'never'
+    >>> set_mode(None)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import build
+from .bspline import _uniform_spacing
+
+__all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "backward"]
+
+ENV_VAR = "KANVOLUTION_SPARSE"
+MODES = ("auto", "always", "never")
+# The rule of "auto" (see the module docstring), from benchmarks/sparse_kernel.py (1 thread): at
+# gs = 10 the sparse kernels tie with the dense path at 32 float32 outputs and win from 64 on;
+# on the paper's narrow layers (5 and 10 outputs) they tie or win from gs = 40 on.
+MIN_GRID_SIZE = 10
+MIN_GRID_SIZE_ANY_WIDTH = 40
+MIN_OUTPUT_BYTES = 128
+
+_override: str | None = None
+
+
+def _check_mode(value: str, source: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def set_mode(value: str | None) -> None:
+    """Set the sparse mode (``"auto"``, ``"always"``, ``"never"``) in this process; ``None``
+    restores the default (``KANVOLUTION_SPARSE``, else ``"auto"``)."""
+    global _override
+    _override = None if value is None else _check_mode(value, "the sparse mode")
+
+
+def mode() -> str:
+    """The sparse mode in effect."""
+    if _override is not None:
+        return _override
+    return _check_mode(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+
+
+def use_sparse(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int, activation: str, groups: int) -> bool:
+    """Whether the op's CPU kernel runs the sparse kernels for these arguments (may build them)."""
+    chosen = mode()
+    if (
+        chosen == "never"
+        or basis != "bspline"
+        or activation != "silu"
+        or not 1 <= option <= build.MAX_ORDER
+        or x.dtype not in (torch.float32, torch.float64)
+        or not x.dtype == state.dtype == weight.dtype
+        or x.numel() == 0
+        or not build.is_enabled()
+    ):
+        return False
+    if chosen == "auto":
+        grid_size = state.shape[-1] - 2 * option - 1
+        wide = weight.shape[0] // groups * x.element_size() >= MIN_OUTPUT_BYTES
+        if not (grid_size >= MIN_GRID_SIZE_ANY_WIDTH or (wide and grid_size >= MIN_GRID_SIZE)):
+            return False
+    if _uniform_spacing(state) is None:
+        return False
+    from .. import _sparse
+
+    return _sparse.available()
+
+
+def _conv(x: Tensor, state: Tensor, weight: Tensor, option: int, stride, dilation, groups: int):
+    """The sparse kernels' call for the op's channel-last ``x`` ``(N, *S, C)``."""
+    from .. import _sparse
+
+    return _sparse._Conv(x.movedim(-1, 1), *_sparse.knot_params(state), weight.shape, option, list(stride) or 1,
+                         list(dilation) or 1, groups)
+
+
+def forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last) -> Tensor | None:
+    """``kan_forward`` by the sparse kernels, or ``None`` where the rule says dense."""
+    if not use_sparse(x, state, weight, basis, option, activation, groups):
+        return None
+    from .kan import _canonical, _memory_format
+
+    conv = _conv(x, state, weight, option, stride, dilation, groups)
+    return _canonical(conv.forward(conv.pack(weight)), _memory_format(len(stride), channels_last))
+
+
+def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
+             output_mask) -> tuple[Tensor, Tensor] | None:
+    """``kan_backward`` by the sparse kernels, or ``None`` where the rule says dense."""
+    if not use_sparse(x, state, weight, basis, option, activation, groups):
+        return None
+    need_x, need_w = output_mask
+    conv = _conv(x, state, weight, option, stride, dilation, groups)
+    grad_x = x.new_empty(0)
+    if need_x:
+        grad_x = conv.grad_input(grad_out, conv.pack(weight), conv.x.shape).movedim(1, -1)
+        grad_x = grad_x.reshape(x.shape).contiguous()
+    grad_w = weight.new_empty(0)
+    if need_w:
+        grad_w = conv.grad_weight(grad_out)
+        if grad_w.stride() != weight.stride():  # the fake kernel promises empty_like(weight)
+            grad_w = torch.empty_like(weight).copy_(grad_w)
+    return grad_x, grad_w
