@@ -108,8 +108,8 @@ class WaveletBasis(_CentredBasis):
     Parameters per phi: ``G + 2`` (``G`` coefficients, ``w_base``, ``w_scale``).
 
     Examples:
-        >>> WaveletBasis.create(1, grid_size=3)(torch.tensor([[0.0]]))
-        tensor([[[0.0000, 1.0000, 0.0000]]])
+        >>> WaveletBasis.create(1, grid_size=5)(torch.tensor([[0.0]]))
+        tensor([[[-0.4060,  0.0000,  1.0000,  0.0000, -0.4060]]])
     """
 
     name = "wavelet"
