@@ -102,7 +102,13 @@ def create_basis(name: str, in_channels: int = 1, *, device=None, dtype=None, **
 
 
 def basis_from_state(name: str, state: Tensor, option: int) -> "Basis":
-    """Rebuild a basis module from the triple given by :meth:`Basis.op_args`."""
+    """Rebuild a basis module from the triple given by :meth:`Basis.op_args`.
+
+    Examples:
+        >>> basis = create_basis("relu", 3, grid_size=4, spline_order=1)
+        >>> basis_from_state(*basis.op_args()).num_basis
+        5
+    """
     return _family(name)(state, option)
 
 

@@ -34,6 +34,14 @@ def padded_windows(input: Tensor, kernel: Sequence[int], stride: _IntOrTuple = 1
 
     Returns:
         ``(N, C, *out, *kernel)``: ``[..., p, u]`` is the padded value tap ``u`` reads at output ``p``.
+
+    Examples:
+        >>> padded_windows(torch.arange(4.0).view(1, 1, 4), (2,), padding=1)[0, 0]
+        tensor([[0., 0.],
+                [0., 1.],
+                [1., 2.],
+                [2., 3.],
+                [3., 0.]])
     """
     n = input.dim() - 2
     stride, dilation = _as_tuple(stride, n), _as_tuple(dilation, n)
@@ -76,9 +84,20 @@ def kan_conv_reference(
             per-channel state.
         base_weight, scaler: ``(C_out, C_in / groups, *kernel)``.
         coefficients: ``(C_out, C_in / groups, *kernel, n)``.
+        stride, padding, dilation, groups, padding_mode: as ``nn.ConvNd`` (``padding`` may be
+            ``"same"`` or ``"valid"``); the input is padded before any function is applied.
+        activation: the base activation ``act``.
+        bias: optional ``(C_out,)``.
 
     Returns:
         ``(N, C_out, *out)``, the output size of ``nn.ConvNd`` with the same arguments.
+
+    Examples:
+        >>> from kanvolution.bases import create_basis
+        >>> basis = create_basis("chebyshev", degree=2)
+        >>> w = torch.ones(4, 2, 3, 3)
+        >>> kan_conv_reference(torch.zeros(1, 2, 5, 5), basis, w, torch.ones(4, 2, 3, 3, 3), w, padding=1).shape
+        torch.Size([1, 4, 5, 5])
     """
     kernel = tuple(base_weight.shape[2:])
     windows = padded_windows(input, kernel, stride, padding, dilation, padding_mode)
