@@ -24,25 +24,27 @@ def bspline_expand(x: Tensor, state: Tensor, option: int) -> Tensor:
     return _values(x, state, option)
 
 
-def _local(x: Tensor, state: Tensor, option: int, derivative: bool):
-    grid = check_channels(x, state, "bspline")
-    slots, values, slopes = _local_bases(x, grid, option, derivative=derivative)
-    index = torch.stack(slots, -1)
-    exists = index > 0
-    chosen = slopes if derivative else values
-    return (index - 1).clamp_min_(0), torch.stack(chosen, -1).masked_fill_(~exists, 0.0)
-
-
 def bspline_local(x: Tensor, state: Tensor, option: int) -> tuple[Tensor, Tensor]:
     """The ``K + 1`` B-splines that can be non-zero at each value (local de Boor / closed form)."""
-    return _local(x, state, option, derivative=False)
+    grid = check_channels(x, state, "bspline")
+    slots, values, _ = _local_bases(x, grid, option, derivative=False)
+    index = torch.stack(slots, -1)
+    return (index - 1).clamp_min_(0), torch.stack(values, -1).masked_fill_(index == 0, 0.0)
 
 
 def bspline_derivative(x: Tensor, state: Tensor, option: int) -> Tensor:
-    """``B'_g(x)``: ``K (B_{g,K-1} / (t_{g+K} - t_g) - B_{g+1,K-1} / (t_{g+K+1} - t_{g+1}))``."""
-    index, slopes = _local(x, state, option, derivative=True)
-    out = x.new_zeros(x.shape + (state.shape[-1] - option - 1,))
-    return out.scatter_add_(-1, index, slopes)
+    """``B'_g = K (B_{g,K-1} / (t_{g+K} - t_g) - B_{g+1,K-1} / (t_{g+K+1} - t_{g+1}))`` (0 for ``K = 0``).
+
+    Dense and free of data-dependent control flow, so it also traces (``torch.compile``).
+    """
+    K = option
+    if K == 0:
+        return torch.zeros_like(_values(x, state, 0))
+    lower = _values(x, state, K - 1)  # (..., C, G + K + 1)
+    grid = state.to(dtype=x.dtype, device=x.device)
+    span = grid[:, K:] - grid[:, :-K]  # t_{g+K} - t_g, g = 0 .. G+K
+    scaled = torch.where(span > 0, lower / span, torch.zeros_like(lower)) * K
+    return scaled[..., :-1] - scaled[..., 1:]
 
 
 @register_basis

@@ -24,21 +24,22 @@ __all__ = [
 ]
 
 # (state, D) -> [(A_n, B_n, C_n) for n = 0 .. D-1]: P_{n+1} = (A_n s + B_n) P_n - C_n P_{n-1}.
+# Constants read from the state stay tensors (no .item()), so the expansion also traces.
 Coefficients = Callable[[Tensor, int], "list[tuple[float, float, float]]"]
 
 
 def _three_term(x: Tensor, state: Tensor, degree: int, coefficients: Coefficients, derivative: bool) -> Tensor:
     """The ``D + 1`` polynomials of a three-term recurrence at ``tanh(x)``, or their d/dx."""
     s = torch.tanh(x)
-    values = [torch.ones_like(s)]
-    slopes = [torch.zeros_like(s)]
-    previous, previous_slope = torch.zeros_like(s), torch.zeros_like(s)
+    state = state.to(dtype=x.dtype, device=x.device)
+    zero = torch.zeros_like(s)
+    values, slopes = [zero, torch.ones_like(s)], [zero, zero]  # P_{-1} = 0, P_0 = 1
     for a, b, c in coefficients(state, degree):
-        p, dp = values[-1], slopes[-1]
         factor = a * s + b
-        values.append(factor * p - c * previous)
-        slopes.append(a * p + factor * dp - c * previous_slope)
-        previous, previous_slope = p, dp
+        if derivative:  # P'_{n+1} = A_n P_n + (A_n s + B_n) P'_n - C_n P'_{n-1}
+            slopes.append(a * values[-1] + factor * slopes[-1] - c * slopes[-2])
+        values.append(factor * values[-1] - c * values[-2])
+    values, slopes = values[1:], slopes[1:]
     if not derivative:
         return torch.stack(values, -1)
     return torch.stack(slopes, -1) * (1.0 - s * s).unsqueeze(-1)
@@ -112,8 +113,8 @@ class LegendreBasis(_PolynomialBasis):
 
 
 def _gram(state: Tensor, degree: int):
-    m = float(state[0])
-    return [(1.0, 0.0, 0.0 if n == 0 else n * n * (m * m - n * n) / (m * m * (4 * n * n - 1))) for n in range(degree)]
+    m2 = state[0] * state[0]
+    return [(1.0, 0.0, 0.0 if n == 0 else n * n * (m2 - n * n) / (m2 * (4 * n * n - 1))) for n in range(degree)]
 
 
 @register_basis
@@ -152,7 +153,7 @@ class GramBasis(_PolynomialBasis):
 
 
 def _jacobi(state: Tensor, degree: int):
-    alpha, beta = (float(v) for v in state)
+    alpha, beta = state[0], state[1]
     out = [((alpha + beta + 2) / 2, (alpha - beta) / 2, 0.0)]
     for m in range(2, degree + 1):  # the recurrence giving P_m
         ab = alpha + beta
