@@ -150,6 +150,14 @@ def test_bspline_is_bit_for_bit_b_splines():
     assert torch.equal(basis.expand(x3), want.view(5, 100, 3, -1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bspline_initial_knots_are_the_layers_knots(dtype):
+    from kanvolution.functional import uniform_knots
+
+    basis = create_basis("bspline", 3, grid_size=7, spline_order=2, grid_range=(-0.3, 1.1), dtype=dtype)
+    assert torch.equal(basis.state, uniform_knots(7, 2, (-0.3, 1.1), channels=3, dtype=dtype))
+
+
 def test_jacobi_zero_zero_is_legendre_and_gram_tends_to_legendre():
     x = points(2)
     legendre = create_basis("legendre", degree=5, dtype=torch.float64)

@@ -230,6 +230,8 @@ class Basis(nn.Module):
 
         Returns:
             the refitted coefficients (dtype of ``coefficients``), or ``None`` if none were given.
+            How closely they reproduce the old functions depends on what the new functions can
+            represent: B-splines on knots moved onto the data reproduce a smooth function closely.
         """
         if not self.has_grid:
             raise ValueError(f"basis {self.name!r} has no grid to adapt")
@@ -264,7 +266,7 @@ class Basis(nn.Module):
         return f"num_basis={self.num_basis}, option={self.option}, state={tuple(self.state.shape)}"
 
 
-# -- helpers shared by the families --------------------------------------------------------------
+# -- checks shared by the families ---------------------------------------------------------------
 
 
 def check_int(name: str, value, minimum: int) -> int:

@@ -10,18 +10,14 @@ from ._base import Basis, BasisFunctions, check_channels, check_int, check_range
 __all__ = ["BSplineBasis", "bspline_expand", "bspline_derivative", "bspline_local"]
 
 
-def _values(x: Tensor, grid: Tensor, order: int) -> Tensor:
-    grid = check_channels(x, grid, "bspline")
-    flat = b_splines(x.reshape(-1, x.shape[-1]), grid, order)
-    return flat.reshape(x.shape + flat.shape[-1:])
-
-
 def bspline_expand(x: Tensor, state: Tensor, option: int) -> Tensor:
     """Values of the ``G + K`` B-splines (Cox-de Boor, :func:`kanvolution.functional.b_splines`).
 
     ``state`` is the knots ``(C, G + 2K + 1)``, ``option`` the degree ``K``.
     """
-    return _values(x, state, option)
+    grid = check_channels(x, state, "bspline")
+    flat = b_splines(x.reshape(-1, x.shape[-1]), grid, option)
+    return flat.reshape(x.shape + flat.shape[-1:])
 
 
 def bspline_local(x: Tensor, state: Tensor, option: int) -> tuple[Tensor, Tensor]:
@@ -39,8 +35,8 @@ def bspline_derivative(x: Tensor, state: Tensor, option: int) -> Tensor:
     """
     K = option
     if K == 0:
-        return torch.zeros_like(_values(x, state, 0))
-    lower = _values(x, state, K - 1)  # (..., C, G + K + 1)
+        return torch.zeros_like(bspline_expand(x, state, 0))
+    lower = bspline_expand(x, state, K - 1)  # (..., C, G + K + 1)
     grid = state.to(dtype=x.dtype, device=x.device)
     span = grid[:, K:] - grid[:, :-K]  # t_{g+K} - t_g, g = 0 .. G+K
     scaled = torch.where(span > 0, lower / span, torch.zeros_like(lower)) * K
