@@ -1,17 +1,21 @@
 """The ``Basis`` interface and the registry that resolves a basis family by name.
 
 A basis is fully described by the triple ``(name, state, option)``: the family's name, one state
-tensor (per-channel knots, centres, or fixed constants) and one int; the module functions of a
-family compute everything from that triple, so a custom op can carry it through its schema.
+tensor (per-channel knots, centres, or fixed constants) and one int; the family's
+:class:`~kanvolution.ops.bases.BasisFunctions` compute everything from that triple, so the op
+carries it through its schema. Names resolve in the one registry of :mod:`kanvolution.ops.bases`.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from ..ops.bases import BasisFunctions, get_basis, list_bases
+from ..ops.bases import register_basis as _register
 
 __all__ = [
     "Basis",
@@ -23,64 +27,20 @@ __all__ = [
     "basis_from_state",
 ]
 
-ExpandFn = Callable[[Tensor, Tensor, int], Tensor]
-LocalFn = Callable[[Tensor, Tensor, int], "tuple[Tensor, Tensor]"]
-
-
-@dataclass(frozen=True)
-class BasisFunctions:
-    """What a family computes from its ``(state, option)``, with no module involved.
-
-    Attributes:
-        expand: ``(x, state, option) -> (..., C, n)``: the ``n`` functions at every value of ``x``
-            (``(..., C)``, channel last).
-        derivative: same signature and shape: ``d f_g / d x``.
-        num_basis: ``(state, option) -> n``, from the state's SHAPE only (safe on fake tensors).
-        local: ``(x, state, option) -> (index, values)``, both ``(..., C, L)``: the only ``L``
-            functions that can be non-zero at each value (``index`` in ``0..n-1``, ``values`` 0
-            where a slot stands for no function), for compactly supported families; else ``None``.
-    """
-
-    expand: ExpandFn
-    derivative: ExpandFn
-    num_basis: Callable[[Tensor, int], int]
-    local: Optional[LocalFn] = None
-
-
-_REGISTRY: dict[str, type["Basis"]] = {}
-
 
 def register_basis(cls: type["Basis"]) -> type["Basis"]:
-    """Class decorator: make a ``Basis`` subclass available under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a basis family named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: register the family ``cls.functions`` under ``cls.name`` (see
+    :func:`kanvolution.ops.bases.register_basis`), with ``cls`` as the module that holds its state."""
+    _register(cls.name, dataclasses.replace(cls.functions, module=cls))
+    cls.functions = get_basis(cls.name)
     return cls
 
 
-def list_bases() -> list[str]:
-    """The registered family names, in registration order (``"bspline"`` first)."""
-    return list(_REGISTRY)
+basis_functions = get_basis  # the functions of a family by name, what an op calls
 
 
 def _family(name: str) -> type["Basis"]:
-    if not isinstance(name, str):
-        raise TypeError(f"basis name must be a str, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown basis {name!r}; expected one of {list_bases()}") from None
-
-
-def basis_functions(name: str) -> BasisFunctions:
-    """The functions of family ``name``: what an op's portable implementation calls.
-
-    Examples:
-        >>> fns = basis_functions("chebyshev")
-        >>> fns.expand(torch.zeros(1, 1), torch.zeros(0), 2)  # T_0, T_1, T_2 at tanh(0) = 0
-        tensor([[[ 1.,  0., -1.]]])
-    """
-    return _family(name).functions
+    return get_basis(name).module
 
 
 def create_basis(name: str, in_channels: int = 1, *, device=None, dtype=None, **options) -> "Basis":

@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import _local_bases, b_splines
+from ..ops import bspline as fast
+from ..ops.bspline import _local_bases, b_splines
 from ._base import Basis, BasisFunctions, check_channels, check_int, check_range, check_state_rows, register_basis
 
 __all__ = ["BSplineBasis", "bspline_expand", "bspline_derivative", "bspline_local"]
 
 
 def bspline_expand(x: Tensor, state: Tensor, option: int) -> Tensor:
-    """Values of the ``G + K`` B-splines (Cox-de Boor, :func:`kanvolution.functional.b_splines`).
+    """Values of the ``G + K`` B-splines (Cox-de Boor, :func:`kanvolution.ops.bspline.b_splines`).
 
     ``state`` is the knots ``(C, G + 2K + 1)``, ``option`` the degree ``K``.
     """
@@ -50,7 +51,8 @@ class BSplineBasis(Basis):
     Knots ``t_j = a + (j - K) h``, ``j = 0..G+2K``, ``h = (b - a) / G``, one row per input channel;
     degree 0 uses half-open intervals ``[t_g, t_{g+1})``, higher degrees the Cox-de Boor
     recursion; every spline is 0 outside ``[t_0, t_{G+2K})``. The values are exactly those of
-    :func:`kanvolution.functional.b_splines`.
+    :func:`kanvolution.ops.bspline.b_splines`; the op runs the fast local forms of
+    :mod:`kanvolution.ops.bspline` (closed-form uniform pieces, compiled CPU loops).
 
     State: ``(C, G + 2K + 1)`` knots; option: ``K``. Grid: yes; :meth:`update_grid` moves the
     ``G + 1`` interior knots to ``grid_eps * uniform + (1 - grid_eps) * quantiles`` of the data
@@ -68,7 +70,9 @@ class BSplineBasis(Basis):
 
     name = "bspline"
     has_grid = True
-    functions = BasisFunctions(bspline_expand, bspline_derivative, lambda s, k: s.shape[-1] - k - 1, bspline_local)
+    functions = BasisFunctions(bspline_expand, bspline_derivative, fast.num_bases, bspline_local,
+                               fill=fast.fill, input_grad=fast.input_grad, dense=fast.dense,
+                               cpu_fill=fast.cpu_fill, cpu_input_grad=fast.cpu_input_grad)
 
     @staticmethod
     def initial_state(in_channels: int, *, grid_size: int = 5, spline_order: int = 3,
