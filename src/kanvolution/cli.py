@@ -109,6 +109,7 @@ def _add_train_parser(sub: Any) -> None:
         type=_positive_int,
         help=f"KAN grid intervals (default: {DEFAULT_GRID_SIZE} for models with KAN layers)",
     )
+    _add_basis_options(p)
     p.add_argument("--dataset", required=True, help="mnist or fashion-mnist")
     p.add_argument("--out", required=True, help="run folder")
     again = p.add_mutually_exclusive_group()
@@ -148,6 +149,12 @@ def _add_train_parser(sub: Any) -> None:
     p.set_defaults(_handler=_cmd_train)
 
 
+def _add_basis_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--basis", default="bspline",
+                   help="basis family of the KAN layers (default: bspline; see kanvolution.bases.list_bases)")
+    p.add_argument("--degree", type=int, help="degree D of the polynomial basis families")
+
+
 def _train_config_from_args(args: argparse.Namespace) -> Any:
     from kanvolution.experiments.config import TrainConfig
 
@@ -156,6 +163,8 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     return TrainConfig(
         model=args.model,
         grid_size=args.grid_size,
+        basis=args.basis,
+        degree=args.degree,
         dataset=args.dataset,
         data_dir=args.data_dir,
         download=args.download,
