@@ -431,14 +431,16 @@ def _add_reproduce_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("paper", "paper-configs", "fixed"),
+        choices=("paper", "paper-configs", "fixed", "bases"),
         default="paper",
         help="paper: search then retrain; paper-configs: the configurations the paper's own search chose"
-        " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search",
+        " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search;"
+        " bases: KANC MLP (Medium) with every basis family at matched size, the fixed recipe, once per --seeds",
     )
+    p.add_argument("--bases", nargs="+", metavar="NAME", help="basis families of --protocol bases (default: all)")
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
-        help="torch seeds of --protocol paper-configs (default: 0 1 2)",
+        help="torch seeds of --protocol paper-configs and bases (default: 0 1 2)",
     )
     p.add_argument(
         "--epochs",
@@ -480,6 +482,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _check_model(name)
     if args.trials > 8:
         raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
+    from kanvolution.bases import list_bases
+
+    unknown = [name for name in args.bases or [] if name not in list_bases()]
+    if unknown:
+        raise CliError(f"unknown basis families {unknown}; expected some of {list_bases()}")
     cfg = ReproduceConfig(
         out=args.out,
         dataset=args.dataset,
@@ -487,6 +494,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         grid_sizes=args.grid_sizes,
         protocol=args.protocol,
         seeds=args.seeds,
+        bases=args.bases,
         epochs=args.epochs,
         trials=args.trials,
         storage=args.storage,
