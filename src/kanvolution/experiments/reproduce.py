@@ -527,21 +527,24 @@ def bases_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
 def _plot_bases(run_dirs: Sequence[Path], path: Path, cfg: ReproduceConfig) -> None:
     """Last-epoch test accuracy per family, mean with sample-std error bars."""
     try:
-        from ..viz.plots import _figure, save
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:  # matplotlib is optional
         return
     rows = _bases_rows(run_dirs)
     if not rows:
         return
     stats = [_mean_std(r["acc"]) for r in rows.values()]
-    fig = _figure(7, 3.5)
+    fig = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.errorbar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o", capsize=4)
     ax.set_xticks(range(len(rows)), list(rows), rotation=30)
     ax.set_ylabel("last-epoch test accuracy (%)")
     ax.set_title(f"KANC MLP (Medium) per basis family, {cfg.dataset}, seeds {', '.join(map(str, cfg.seeds))}")
     ax.grid(axis="y", alpha=0.3)
-    save(fig, path)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def paper_configs_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
