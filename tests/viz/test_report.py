@@ -152,7 +152,7 @@ def test_inspect_command_reports_bad_options(tiny_run, shared_data_dir, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("basis", ["chebyshev", "relu"])
+@pytest.mark.parametrize("basis", ["relu"])
 def test_inspect_model_with_another_basis_family(needs_matplotlib, tmp_path, basis):
     model = create_model("kanc_mlp_small", grid_size=4, basis=basis, degree=4)
     images = torch.rand(8, 1, 28, 28) * 2 - 1
