@@ -1,7 +1,8 @@
 """Basis families of KAN functions behind one interface, resolved by name.
 
 ``create_basis("rbf", C, grid_size=8)`` builds a :class:`Basis` module; ``basis_functions(name)``
-gives the module-free functions an op computes from ``(name, state, option)``.
+(:func:`kanvolution.ops.get_basis`, the one registry) gives the module-free functions the KAN op
+computes from ``(name, state, option)``. The layers take ``basis="name"`` or a :class:`Basis`.
 
 With ``a, b = grid_range``, ``G = grid_size``, ``K = spline_order``, ``D = degree``, ``n`` functions
 per phi, and parameters per phi counting ``n`` coefficients plus ``w_base`` and ``w_scale``:
