@@ -118,6 +118,7 @@ def _add_train_parser(sub: Any) -> None:
         type=_positive_int,
         help=f"KAN grid intervals (default: {DEFAULT_GRID_SIZE} for models with KAN layers)",
     )
+    _add_basis_options(p)
     p.add_argument("--dataset", required=True, help="mnist or fashion-mnist")
     p.add_argument("--out", required=True, help="run folder")
     again = p.add_mutually_exclusive_group()
@@ -184,6 +185,12 @@ def _add_train_parser(sub: Any) -> None:
     p.set_defaults(_handler=_cmd_train)
 
 
+def _add_basis_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--basis", default="bspline",
+                   help="basis family of the KAN layers (default: bspline; see kanvolution.bases.list_bases)")
+    p.add_argument("--degree", type=int, help="degree D of the polynomial basis families")
+
+
 def _train_config_from_args(args: argparse.Namespace) -> Any:
     from kanvolution.experiments.config import TrainConfig
 
@@ -192,6 +199,8 @@ def _train_config_from_args(args: argparse.Namespace) -> Any:
     return TrainConfig(
         model=args.model,
         grid_size=args.grid_size,
+        basis=args.basis,
+        degree=args.degree,
         dataset=args.dataset,
         data_dir=args.data_dir,
         download=args.download,
@@ -467,17 +476,19 @@ def _add_reproduce_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=("paper", "paper-configs", "fixed", "beyond"),
+        choices=("paper", "paper-configs", "fixed", "beyond", "bases"),
         default="paper",
         help="paper: search then retrain; paper-configs: the configurations the paper's own search chose"
         " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search; beyond: the"
         " small nets (default models kan_small_net cnn_small_net_matched, each at its own grid size) with"
         " warm-up + cosine, label smoothing, random crops (and flips on fashion-mnist), validation-selected"
-        " epoch, for --epochs, once per --seeds",
+        " epoch, for --epochs, once per --seeds; bases: KANC MLP (Medium) with every basis family at matched"
+        " size, the fixed recipe, once per --seeds",
     )
+    p.add_argument("--bases", nargs="+", metavar="NAME", help="basis families of --protocol bases (default: all)")
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
-        help="torch seeds of --protocol paper-configs and beyond (default: 0 1 2)",
+        help="torch seeds of --protocol paper-configs, beyond and bases (default: 0 1 2)",
     )
     p.add_argument(
         "--epochs",
@@ -519,6 +530,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _check_model(name)
     if args.trials > 8:
         raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
+    from kanvolution.bases import list_bases
+
+    unknown = [name for name in args.bases or [] if name not in list_bases()]
+    if unknown:
+        raise CliError(f"unknown basis families {unknown}; expected some of {list_bases()}")
     cfg = ReproduceConfig(
         out=args.out,
         dataset=args.dataset,
@@ -526,6 +542,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         grid_sizes=args.grid_sizes,
         protocol=args.protocol,
         seeds=args.seeds,
+        bases=args.bases,
         epochs=args.epochs,
         trials=args.trials,
         storage=args.storage,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import activation_name
+from .ops import activation_name, get_basis
 from .ops.bspline import b_splines
 from .ops.kan import EXPANSION_CHUNK_BYTES, dense_kan, kan_forward, release_workspace
 
@@ -200,7 +200,7 @@ def _autocast_dtype(x: Tensor, layer_dtype: torch.dtype) -> torch.dtype | None:
 
 def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_order: int,
          base_activation: Activation, stride: Sequence[int], dilation: Sequence[int], groups: int,
-         naive: bool, channels_last: bool = False) -> Tensor:
+         naive: bool, channels_last: bool = False, basis: str = "bspline") -> Tensor:
     """The layer on the padded input: autocast policy, then the op (or the naive path)."""
     low = _autocast_dtype(x, grid.dtype)
     if low is not None:  # bases on float32 knots, convolution and output in the autocast dtype
@@ -210,9 +210,9 @@ def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_or
     name = activation_name(base_activation)
     if naive or name is None:
         act = _activation_callable(base_activation)
-        out = dense_kan(x, grid, weight, "bspline", spline_order, act, stride, dilation, groups)
+        out = dense_kan(x, grid, weight, basis, spline_order, act, stride, dilation, groups)
     else:
-        out = kan_forward(x.movedim(1, -1).contiguous(), grid, weight, "bspline", spline_order, name, list(stride),
+        out = kan_forward(x.movedim(1, -1).contiguous(), grid, weight, basis, spline_order, name, list(stride),
                           list(dilation), groups, channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * len(stride))
@@ -220,7 +220,7 @@ def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_or
 
 
 def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
-                    grid: Tensor, spline_order: int, groups: int, ndim: int) -> None:
+                    grid: Tensor, spline_order: int, groups: int, ndim: int, basis: str = "bspline") -> None:
     if not input.is_floating_point():
         raise TypeError(f"expected a floating point input, got dtype {input.dtype}")
     if input.dtype != base_weight.dtype and _autocast_dtype(input, base_weight.dtype) is None:
@@ -231,9 +231,11 @@ def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, s
             f"expected input with {in_per_group * groups} channels (dimension 1), got input of shape "
             f"{tuple(input.shape)}"
         )
-    if grid.shape[0] != input.shape[1]:
-        raise ValueError(f"grid must hold one knot vector per input channel, got shape {tuple(grid.shape)}")
-    n_bases = grid.shape[1] - spline_order - 1
+    family = get_basis(basis)
+    if (basis == "bspline" or grid.dim() == 2) and (grid.dim() != 2 or grid.shape[0] != input.shape[1]):
+        raise ValueError(f"grid must hold one knot vector per input channel (a state row for other families), "
+                         f"got shape {tuple(grid.shape)}")
+    n_bases = family.num_basis(grid, spline_order)
     if spline_weight.shape != base_weight.shape + (n_bases,) or spline_scaler.shape != base_weight.shape:
         raise ValueError(
             "inconsistent KAN parameters: base_weight "
@@ -243,13 +245,13 @@ def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, s
 
 
 def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bias, stride, padding,
-                dilation, groups, padding_mode, spline_order, base_activation, naive=False):
+                dilation, groups, padding_mode, spline_order, base_activation, naive=False, basis="bspline"):
     if input.dim() != ndim + 2:
         raise ValueError(
             f"kan_conv{ndim}d expects a batched input of {ndim + 2} dimensions (N, C, "
             f"{', '.join('DHW'[3 - ndim:])}), got {input.dim()} dimensions of shape {tuple(input.shape)}"
         )
-    _check_kan_args(input, base_weight, spline_weight, spline_scaler, grid, spline_order, groups, ndim)
+    _check_kan_args(input, base_weight, spline_weight, spline_scaler, grid, spline_order, groups, ndim, basis)
     kernel = tuple(base_weight.shape[2:])
     stride = _ntuple(stride, ndim, "stride")
     dilation = _ntuple(dilation, ndim, "dilation")
@@ -257,7 +259,8 @@ def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bi
     x = pad_input(input, pad, padding_mode)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
     channels_last = suggests_channels_last(input) or suggests_channels_last(base_weight)
-    return _kan(x, grid, weight, bias, spline_order, base_activation, stride, dilation, groups, naive, channels_last)
+    return _kan(x, grid, weight, bias, spline_order, base_activation, stride, dilation, groups, naive, channels_last,
+                basis)
 
 
 def suggests_channels_last(t: Tensor) -> bool:
@@ -287,34 +290,36 @@ _CONV_DOC = """KAN convolution over an input of shape ``(N, C_in, {dims})``.
         bias: optional ``(C_out,)``.
         stride, padding, dilation, groups, padding_mode: as :func:`torch.nn.functional.conv{n}d`
             (``padding`` also ``"same"``/``"valid"``; padding is applied BEFORE phi).
-        spline_order: the degree ``K``.
+        spline_order: the degree ``K`` (for ``basis`` other than ``"bspline"``: the family's int option).
         base_activation: the base term (default SiLU): a callable or a name of
             :data:`kanvolution.ops.ACTIVATIONS`; other callables take the slower naive path.
+        basis: the family of the ``B_g`` (:func:`kanvolution.bases.list_bases`); ``grid`` is then
+            its state (``Basis.op_args()``) and ``spline_weight`` ends in its number of functions.
     """
 
 
 def kan_conv1d(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor, grid: Tensor,
                bias: Tensor | None = None, stride: _IntOrTuple = 1, padding: Union[str, _IntOrTuple] = 0,
                dilation: _IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros", *,
-               spline_order: int = 3, base_activation: Activation = F.silu) -> Tensor:
+               spline_order: int = 3, base_activation: Activation = F.silu, basis: str = "bspline") -> Tensor:
     return _kan_convnd(1, input, base_weight, spline_weight, spline_scaler, grid, bias, stride, padding,
-                       dilation, groups, padding_mode, spline_order, base_activation)
+                       dilation, groups, padding_mode, spline_order, base_activation, basis=basis)
 
 
 def kan_conv2d(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor, grid: Tensor,
                bias: Tensor | None = None, stride: _IntOrTuple = 1, padding: Union[str, _IntOrTuple] = 0,
                dilation: _IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros", *,
-               spline_order: int = 3, base_activation: Activation = F.silu) -> Tensor:
+               spline_order: int = 3, base_activation: Activation = F.silu, basis: str = "bspline") -> Tensor:
     return _kan_convnd(2, input, base_weight, spline_weight, spline_scaler, grid, bias, stride, padding,
-                       dilation, groups, padding_mode, spline_order, base_activation)
+                       dilation, groups, padding_mode, spline_order, base_activation, basis=basis)
 
 
 def kan_conv3d(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor, grid: Tensor,
                bias: Tensor | None = None, stride: _IntOrTuple = 1, padding: Union[str, _IntOrTuple] = 0,
                dilation: _IntOrTuple = 1, groups: int = 1, padding_mode: str = "zeros", *,
-               spline_order: int = 3, base_activation: Activation = F.silu) -> Tensor:
+               spline_order: int = 3, base_activation: Activation = F.silu, basis: str = "bspline") -> Tensor:
     return _kan_convnd(3, input, base_weight, spline_weight, spline_scaler, grid, bias, stride, padding,
-                       dilation, groups, padding_mode, spline_order, base_activation)
+                       dilation, groups, padding_mode, spline_order, base_activation, basis=basis)
 
 
 kan_conv1d.__doc__ = _CONV_DOC.format(dims="L", kdims="kL", n=1)
@@ -324,26 +329,27 @@ kan_conv3d.__doc__ = _CONV_DOC.format(dims="D, H, W", kdims="kD, kH, kW", n=3)
 
 def kan_linear(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor, grid: Tensor,
                bias: Tensor | None = None, *, spline_order: int = 3,
-               base_activation: Activation = F.silu) -> Tensor:
+               base_activation: Activation = F.silu, basis: str = "bspline") -> Tensor:
     """Dense KAN layer: ``out[..., o] = bias[o] + sum_i phi[o, i](input[..., i])``.
 
     Args:
         input: ``(*, in_features)``.
         base_weight, spline_scaler: ``(out_features, in_features)``.
         spline_weight: ``(out_features, in_features, G + K)``.
-        grid: ``(in_features, G + 2K + 1)``.
+        grid: ``(in_features, G + 2K + 1)`` (the state of ``basis`` for other families).
+        spline_order, base_activation, basis: as :func:`kan_conv2d`.
     """
     return _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, spline_order,
-                       base_activation)
+                       base_activation, basis=basis)
 
 
 def _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, spline_order, base_activation,
-                naive=False):
+                naive=False, basis="bspline"):
     if input.dim() < 1:
         raise ValueError("kan_linear expects an input of shape (*, in_features), got a scalar")
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
-    _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, 0)
+    _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, 0, basis)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
-    out = _kan(x, grid, weight, bias, spline_order, base_activation, (), (), 1, naive)
+    out = _kan(x, grid, weight, bias, spline_order, base_activation, (), (), 1, naive, basis=basis)
     return out.view(*lead, out.shape[-1])

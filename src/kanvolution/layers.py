@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as KF
-from .ops import activation_name
+from .bases import Basis, basis_from_state, create_basis
+from .ops import activation_name, get_basis
 
 __all__ = [
     "KANConv1d",
@@ -37,11 +38,13 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 class _KANLayer(nn.Module):
-    """What every KAN layer shares: ``phi(t) = w_base * act(t) + w_scale * sum_g c_g B_g(t)``.
+    """What every KAN layer shares: ``phi(t) = w_base * act(t) + w_scale * sum_g c_g f_g(t)``.
 
     Parameters ``base_weight``/``spline_scaler`` have the shape ``self._phi_shape`` (one entry per
-    phi) and ``spline_weight`` one more trailing axis of ``G + K`` coefficients. The knots are a
-    buffer ``grid`` of shape ``(in_channels, G + 2K + 1)``: one knot vector per input channel.
+    phi) and ``spline_weight`` one more trailing axis of ``n`` coefficients, one per function of
+    the basis family ``basis_name`` (``G + K`` B-splines by default). The family's state is the
+    buffer ``grid``: for B-splines the knots ``(in_channels, G + 2K + 1)``, one knot vector per
+    input channel; its int option is ``basis_option`` (``K`` for B-splines).
     """
 
     in_channels: int
@@ -51,9 +54,10 @@ class _KANLayer(nn.Module):
     def _init_kan(self, n_inputs: int, phi_shape: tuple[int, ...], fan_in: int, bias: bool, *,
                   grid_size: int, spline_order: int, grid_range: Sequence[float], base_activation,
                   scale_noise: float, scale_base: float, scale_spline: float, grid_eps: float,
-                  implementation: str, device, dtype) -> None:
+                  implementation: str, basis, degree: int, basis_options, device, dtype) -> None:
         self.grid_size = _check_int("grid_size", grid_size, 1)
         self.spline_order = _check_int("spline_order", spline_order, 0)
+        self.degree = _check_int("degree", degree, 0)
         try:
             lo, hi = (float(v) for v in grid_range)
         except (TypeError, ValueError):
@@ -78,18 +82,44 @@ class _KANLayer(nn.Module):
         self.base_activation = base_activation
 
         factory = {"device": device, "dtype": dtype}
-        n_bases = self.grid_size + self.spline_order
         self.base_weight = nn.Parameter(torch.empty(phi_shape, **factory))
+        state = self._init_basis(basis, n_inputs, basis_options)
+        n_bases = get_basis(self.basis_name).num_basis(state, self.basis_option)
         self.spline_weight = nn.Parameter(torch.empty(phi_shape + (n_bases,), **factory))
         self.spline_scaler = nn.Parameter(torch.empty(phi_shape, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(phi_shape[0], **factory))
         else:
             self.register_parameter("bias", None)
-        grid = KF.uniform_knots(self.grid_size, self.spline_order, self.grid_range, channels=n_inputs,
-                                device=device, dtype=self.base_weight.dtype)
-        self.register_buffer("grid", grid)
+        self.register_buffer("grid", state.to(self.base_weight))
         self.reset_parameters()
+
+    def _init_basis(self, basis, n_inputs: int, basis_options) -> Tensor:
+        """Set ``basis_name``/``basis_option`` and return the family's initial state."""
+        if isinstance(basis, Basis):
+            if basis_options:
+                raise TypeError("basis_options apply to a basis given by name, not to a Basis object")
+            self._basis_options = None  # reset_parameters keeps the given state
+            name, state, option = basis.op_args()
+            state = state.detach().clone()
+        elif isinstance(basis, str):
+            if basis_options is not None and not isinstance(basis_options, dict):
+                raise TypeError(f"basis_options must be a dict, got {type(basis_options).__name__}")
+            self._basis_options = {"grid_size": self.grid_size, "spline_order": self.spline_order,
+                                   "grid_range": self.grid_range, "degree": self.degree, **(basis_options or {})}
+            name, state, option = create_basis(basis, n_inputs, dtype=torch.float64, **self._basis_options).op_args()
+        else:
+            raise TypeError(f"basis must be a family name or a Basis, got {type(basis).__name__}")
+        if state.dim() == 2 and state.shape[0] != n_inputs:
+            raise ValueError(f"basis {name!r} holds a state for {state.shape[0]} input channel(s), "
+                             f"the layer has {n_inputs}")
+        self.basis_name, self.basis_option = name, option
+        return state
+
+    @property
+    def basis(self) -> Basis:
+        """The layer's basis as a :class:`kanvolution.bases.Basis` sharing the buffer ``grid``."""
+        return basis_from_state(self.basis_name, self.grid, self.basis_option)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -123,27 +153,35 @@ class _KANLayer(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise as the paper's code does (efficient-kan's scheme with its own fan-in)."""
         with torch.no_grad():
-            self.grid.copy_(KF.uniform_knots(self.grid_size, self.spline_order, self.grid_range,
-                                             channels=self.grid.shape[0], device=self.grid.device,
-                                             dtype=self.grid.dtype))
+            if self._basis_options is not None:
+                fresh = create_basis(self.basis_name, self.in_channels, dtype=torch.float64, **self._basis_options)
+                self.grid.copy_(fresh.state)
             # kaiming_uniform_(a) on a tensor of this fan-in: bound = sqrt(6 / ((1 + a^2) fan_in)).
             for tensor, scale in ((self.base_weight, self.scale_base), (self.spline_scaler, self.scale_spline)):
                 bound = math.sqrt(6.0 / ((1.0 + 5.0 * scale**2) * self._fan_in))
                 tensor.uniform_(-bound, bound)
-            # Least-squares (minimum-norm) fit of uniform noise in +-scale_noise/(2G) taken at the
-            # G+1 grid points; the grid is the same uniform one for every channel here.
-            G, K = self.grid_size, self.spline_order
-            points = self.grid[0, K: G + K + 1].to(torch.float64).view(-1, 1)
-            knots = self.grid[:1].to(torch.float64)
-            design = KF.b_splines(points, knots, K)[:, 0, :]  # (G+1, G+K)
-            noise = (torch.rand(self.spline_weight.shape[:-1] + (G + 1,), dtype=torch.float64,
-                                device=self.grid.device) - 0.5) * self.scale_noise / G
+            # Least-squares (minimum-norm) fit of uniform noise in +-scale_noise/(2P) taken at
+            # P+1 points: B-splines' G+1 grid points, else n+1 points spread over grid_range.
+            points = self._noise_points().view(-1, 1)
+            state = self.grid[:1] if self.grid.dim() == 2 else self.grid
+            design = get_basis(self.basis_name).expand(points, state.to(torch.float64), self.basis_option)[:, 0, :]
+            P = points.shape[0] - 1
+            noise = (torch.rand(self.spline_weight.shape[:-1] + (P + 1,), dtype=torch.float64,
+                                device=self.grid.device) - 0.5) * self.scale_noise / P
             coeff = noise @ torch.linalg.pinv(design).T
             self.spline_weight.copy_(coeff.to(self.spline_weight.dtype))
             if self.bias is not None:
                 fan = self.base_weight[0].numel()
                 bound = 1.0 / math.sqrt(fan)
                 self.bias.uniform_(-bound, bound)
+
+    def _noise_points(self) -> Tensor:
+        """The points of the initial noise fit, float64."""
+        if self.basis_name == "bspline":
+            G, K = self.grid_size, self.spline_order
+            return self.grid[0, K: G + K + 1].to(torch.float64)
+        n = self.spline_weight.shape[-1]
+        return torch.linspace(*self.grid_range, n + 1, dtype=torch.float64, device=self.grid.device)
 
     # -- the learned functions -------------------------------------------------------------------
 
@@ -162,13 +200,13 @@ class _KANLayer(nn.Module):
         Returns:
             ``(*phi_shape, T)``, e.g. ``(out, in/groups, kH, kW, T)`` for ``KANConv2d``.
         """
-        C = self.grid.shape[0]
+        C = self.in_channels
         if t.dim() == 1:
             t = t.unsqueeze(0).expand(C, -1)
         if t.dim() != 2 or t.shape[0] != C:
             raise ValueError(f"t must have shape (T,) or ({C}, T), got {tuple(t.shape)}")
         t = t.to(self.grid)
-        bases = KF.b_splines(t.T, self.grid, self.spline_order).transpose(0, 1)  # (C, T, G+K)
+        bases = get_basis(self.basis_name).expand(t.T, self.grid, self.basis_option).transpose(0, 1)  # (C, T, n)
         act = self.base_activation(t)  # (C, T)
         chan = self._input_channel_of_phi().to(t.device)  # (out, in_g)
         out_c, in_g = chan.shape
@@ -200,45 +238,25 @@ class _KANLayer(nn.Module):
 
     @torch.no_grad()
     def update_grid(self, x: Tensor, margin: float = 0.01, max_samples: int = 4096) -> None:
-        """Adapt each input channel's knots to the values ``x`` brings, keeping the layer's function.
+        """Adapt each input channel's basis state to the values ``x`` brings, keeping the layer's function.
 
-        The ``G + 1`` grid points become ``grid_eps * uniform + (1 - grid_eps) * quantiles`` of the
-        channel's inputs (the uniform part spans the data plus ``margin``), extended by ``K``
-        uniform steps on each side. The spline coefficients are then refitted by least squares so
-        that every ``phi`` takes the same values on those inputs as before (up to what the new
-        knots can represent). The solver (SVD-based ``gelsd``, in float64) copes with
-        rank-deficient data such as constant channels or very few samples.
+        B-splines: the ``G + 1`` grid points become ``grid_eps * uniform + (1 - grid_eps) *
+        quantiles`` of the channel's inputs (the uniform part spans the data plus ``margin``),
+        extended by ``K`` uniform steps on each side. ``rbf``, ``wavelet`` and ``relu`` move their
+        evenly spaced centres onto the data range plus ``margin``; the other families have no grid
+        (``ValueError``). The coefficients are then refitted by least squares so that every
+        ``phi`` takes the same values on those inputs as before (up to what the new state can
+        represent). The solver (SVD-based ``gelsd``, in float64) copes with rank-deficient data
+        such as constant channels or very few samples.
         """
-        samples = self._grid_samples(x).detach().to(torch.float64)  # (C, S)
-        if samples.shape[1] == 0:
-            raise ValueError("update_grid needs at least one input sample")
-        if not torch.isfinite(samples).all():
-            raise ValueError("update_grid got non-finite inputs")
-        G, K = self.grid_size, self.spline_order
-        samples = samples.sort(dim=1).values
-        if samples.shape[1] > max_samples:  # evenly spaced order statistics keep the quantiles
-            pick = torch.linspace(0, samples.shape[1] - 1, max_samples, device=samples.device).round().long()
-            samples = samples[:, pick]
-        S = samples.shape[1]
-        pick = torch.linspace(0, S - 1, G + 1, device=samples.device).round().long()
-        adaptive = samples[:, pick]
-        lo = samples[:, :1] - margin
-        step = (samples[:, -1:] + margin - lo) / G
-        ar = torch.arange(G + 1, dtype=torch.float64, device=samples.device)
-        interior = self.grid_eps * (lo + step * ar) + (1.0 - self.grid_eps) * adaptive
-        ext = torch.arange(1, K + 1, dtype=torch.float64, device=samples.device)
-        new_grid = torch.cat([interior[:, :1] - step * ext.flip(0), interior, interior[:, -1:] + step * ext], dim=1)
-
-        # Coefficients as (C, G+K, R): the R phi reading channel c.
+        basis = self.basis
+        if not basis.has_grid:
+            raise ValueError(f"basis {self.basis_name!r} has no grid to adapt; update_grid applies to "
+                             "bspline, rbf, wavelet and relu")
+        samples = self._grid_samples(x).detach()  # (C, S)
         coeff, restore = self._coefficients_by_channel()
-        old_grid = self.grid.to(torch.float64)
-        xs = samples.T  # (S, C)
-        a_old = KF.b_splines(xs, old_grid, K).transpose(0, 1)  # (C, S, G+K)
-        a_new = KF.b_splines(xs, new_grid, K).transpose(0, 1)
-        target = a_old @ coeff.to(torch.float64)
-        solved = torch.linalg.lstsq(a_new.cpu(), target.cpu(), driver="gelsd").solution
-        self.grid.copy_(new_grid.to(self.grid))
-        self.spline_weight.copy_(restore(solved.to(self.spline_weight)))
+        solved = basis.update_grid(samples.T, coeff, margin=margin, grid_eps=self.grid_eps, max_samples=max_samples)
+        self.spline_weight.copy_(restore(solved))
 
     def _coefficients_by_channel(self):
         out_c, in_g = self.base_weight.shape[:2]
@@ -256,6 +274,10 @@ class _KANLayer(nn.Module):
 
     def _kan_repr(self) -> str:
         parts = []
+        if self.basis_name != "bspline":
+            parts.append(f"basis={self.basis_name!r}")
+        if self.degree != 3:
+            parts.append(f"degree={self.degree}")
         if self.grid_size != 5:
             parts.append(f"grid_size={self.grid_size}")
         if self.spline_order != 3:
@@ -301,6 +323,9 @@ class _KANConvNd(_KANLayer):
         scale_spline: float = 1.0,  # kaiming 'a' factor of w_scale
         grid_eps: float = 0.02,  # update_grid: share of the uniform grid in the adapted knots
         implementation: Implementation = "fused",  # "naive": dense expansion kept by autograd (twice differentiable)
+        basis: Union[str, Basis] = "bspline",  # family of the functions f_g (kanvolution.bases)
+        degree: int = 3,  # degree D of the polynomial families
+        basis_options: dict | None = None,  # further options of the family (e.g. alpha, beta)
     ) -> None:
         super().__init__()
         n = self._ndim
@@ -327,7 +352,8 @@ class _KANConvNd(_KANLayer):
             in_channels, (out_channels, in_channels // groups) + self.kernel_size, math.prod(self.kernel_size), bias,
             grid_size=grid_size, spline_order=spline_order, grid_range=grid_range, base_activation=base_activation,
             scale_noise=scale_noise, scale_base=scale_base, scale_spline=scale_spline, grid_eps=grid_eps,
-            implementation=implementation, device=device, dtype=dtype,
+            implementation=implementation, basis=basis, degree=degree, basis_options=basis_options,
+            device=device, dtype=dtype,
         )
 
     def _check_input(self, input: Tensor) -> tuple[Tensor, bool]:
@@ -350,7 +376,13 @@ class _KANConvNd(_KANLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         x, unbatched = self._check_input(input)
-        if self.implementation == "reference":
+        if self.implementation == "reference" and self.basis_name != "bspline":
+            from .bases import kan_conv_reference
+
+            out = kan_conv_reference(x, self.basis, self.base_weight, self.spline_weight, self.spline_scaler,
+                                     self.stride, self.padding, self.dilation, self.groups, self.padding_mode,
+                                     self.base_activation, self.bias)
+        elif self.implementation == "reference":
             from .reference import kan_conv_reference
 
             out = kan_conv_reference(x, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
@@ -359,8 +391,8 @@ class _KANConvNd(_KANLayer):
         else:
             out = KF._kan_convnd(self._ndim, x, self.base_weight, self.spline_weight, self.spline_scaler,
                                  self.grid, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                                 self.padding_mode, self.spline_order, self._activation(),
-                                 naive=self.implementation == "naive")
+                                 self.padding_mode, self.basis_option, self._activation(),
+                                 naive=self.implementation == "naive", basis=self.basis_name)
         return out.squeeze(0) if unbatched else out
 
     def _grid_samples(self, x: Tensor) -> Tensor:
@@ -407,7 +439,18 @@ _CONV_DOC = r"""Applies a {n}-d KAN convolution: ``nn.Conv{n}d`` with a learnabl
         grid_eps: share of the uniform grid when :meth:`update_grid` adapts the knots.
         implementation: ``"fused"`` (default: fast, memory-lean), ``"naive"`` (dense expansion
             kept by autograd; twice differentiable) or ``"reference"`` (the slow per-pair loop of
-            :mod:`kanvolution.reference`).
+            :mod:`kanvolution.reference`, :func:`kanvolution.bases.kan_conv_reference` for the
+            other families).
+        basis: the family of the functions ``f_g`` replacing the B-splines ``B_g``: a name of
+            :func:`kanvolution.bases.list_bases` (``"bspline"``, ``"rbf"``, ``"wavelet"``,
+            ``"chebyshev"``, ``"legendre"``, ``"gram"``, ``"jacobi"``, ``"bernstein"``,
+            ``"fourier"``, ``"relu"``) built from ``grid_size``, ``spline_order``, ``grid_range``,
+            ``degree`` and ``basis_options``, or a :class:`kanvolution.bases.Basis` (its state is
+            copied). Every family runs in the same fused op; ``spline_weight`` ends in the
+            family's number of functions.
+        degree: degree ``D`` of the polynomial families (``D + 1`` functions).
+        basis_options: further options of the family by name (``alpha``/``beta`` for jacobi,
+            ``gram_points`` for gram, ``constant_term`` for fourier).
 
     Shape:
         - Input: ``(N, C_in, {dims})`` or ``(C_in, {dims})``.
@@ -449,7 +492,7 @@ class KANLinear(_KANLayer):
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear`` (``bias`` defaults to False).
         grid_size, spline_order, grid_range, base_activation, scale_noise, scale_base,
-        scale_spline, grid_eps, implementation: as :class:`KANConv2d`.
+        scale_spline, grid_eps, implementation, basis, degree, basis_options: as :class:`KANConv2d`.
 
     Shape:
         - Input: ``(*, in_features)``. Output: ``(*, out_features)``.
@@ -478,6 +521,9 @@ class KANLinear(_KANLayer):
         scale_spline: float = 1.0,
         grid_eps: float = 0.02,
         implementation: Implementation = "fused",
+        basis: Union[str, Basis] = "bspline",
+        degree: int = 3,
+        basis_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.in_features = self.in_channels = _check_int("in_features", in_features, 1)
@@ -487,7 +533,8 @@ class KANLinear(_KANLayer):
             in_features, (out_features, in_features), in_features, bias,
             grid_size=grid_size, spline_order=spline_order, grid_range=grid_range, base_activation=base_activation,
             scale_noise=scale_noise, scale_base=scale_base, scale_spline=scale_spline, grid_eps=grid_eps,
-            implementation=implementation, device=device, dtype=dtype,
+            implementation=implementation, basis=basis, degree=degree, basis_options=basis_options,
+            device=device, dtype=dtype,
         )
 
     def _check_input(self, input: Tensor) -> None:
@@ -500,14 +547,22 @@ class KANLinear(_KANLayer):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
+        if self.implementation == "reference" and self.basis_name != "bspline":
+            from .bases import kan_conv_reference
+
+            x = input.reshape(-1, self.in_features, 1)
+            out = kan_conv_reference(x, self.basis, self.base_weight[..., None], self.spline_weight[:, :, None],
+                                     self.spline_scaler[..., None], activation=self.base_activation,
+                                     bias=self.bias)
+            return out.reshape(input.shape[:-1] + (self.out_features,))
         if self.implementation == "reference":
             from .reference import kan_linear_reference
 
             return kan_linear_reference(input, self.base_weight, self.spline_weight, self.spline_scaler,
                                         self.grid, self.bias, self.spline_order, self.base_activation)
         return KF._kan_linear(input, self.base_weight, self.spline_weight, self.spline_scaler, self.grid,
-                              self.bias, self.spline_order, self._activation(),
-                              naive=self.implementation == "naive")
+                              self.bias, self.basis_option, self._activation(),
+                              naive=self.implementation == "naive", basis=self.basis_name)
 
     def _grid_samples(self, x: Tensor) -> Tensor:
         self._check_input(x)

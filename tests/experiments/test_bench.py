@@ -39,3 +39,20 @@ def test_compile_benchmark_times_both_steps_and_the_compilation():
     for row in report["models"].values():
         assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["first_compiled_step_s"] > 0
         assert row["compiled_vs_eager"] == row["compiled_ms"] / row["eager_ms"]
+
+
+def test_bases_benchmark_covers_every_family_at_matched_size(capsys):
+    from kanvolution.bases import list_bases
+    from kanvolution.experiments.bench import _print_report, bases_benchmark
+
+    report = bases_benchmark(batch=4, repeats=1, layer_repeats=1, memory=False, layer_shape=(1, 2, 6, 6))
+    rows = report["families"]
+    assert list(rows) == list_bases()
+    bspline = rows["bspline"]["params"]
+    for name, row in rows.items():
+        assert abs(row["params"] / bspline - 1) <= 0.1, name
+        assert row["step_ms"] > 0 and row["step_vs_cnn"] > 0 and row["layer_ms"] > 0
+    assert rows["bspline"]["layer_vs_bspline"] == 1.0
+    _print_report({"environment": {"device": "cpu", "threads": 1, "torch": torch.__version__}, "bases": report,
+                   "checks": {}})
+    assert "| wavelet | 9,935 |" in capsys.readouterr().out

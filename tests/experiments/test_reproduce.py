@@ -272,3 +272,30 @@ def test_search_on_postgres_splits_trials_and_finishes_a_killed_one(postgres_url
     results = json.loads((killed_dir / "results.json").read_text())
     assert results["status"] == "finished" and [e["epoch"] for e in results["history"]] == [1, 2, 3]
     assert (out / "table.md").is_file()
+
+
+def test_bases_protocol_table_plot_and_resume(tmp_path, shared_data_dir, capsys):
+    out = tmp_path / "bases"
+    argv = _argv(out, shared_data_dir, "--protocol", "bases", "--bases", "bspline", "fourier",
+                 "--seeds", "0", "1", "--epochs", "1", "--max-train-samples", "128", "--max-test-samples", "128")
+    assert main(argv) == 0
+    params = {}
+    for family in ("bspline", "fourier"):
+        for seed in (0, 1):
+            res = json.loads((out / family / f"seed{seed}" / "results.json").read_text())
+            assert res["model"] == "kanc_mlp_medium" and res["status"] == "finished"
+            assert res["config"]["basis"] == family and res["config"]["seed"] == seed
+            assert (res["config"]["lr"], res["config"]["weight_decay"], res["config"]["batch_size"]) == (1e-3, 1e-4, 128)
+            params[family] = res["params"]
+    assert params["bspline"] == 9935 and abs(params["fourier"] / 9935 - 1) <= 0.1
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "±" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| bspline", "| fourier"]
+    assert all(row.endswith("| 2 |") for row in rows)
+    assert (out / "bases.png").stat().st_size > 0
+    stamp = (out / "bspline" / "seed0" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # a rerun finds every run finished
+    assert (out / "bspline" / "seed0" / "results.json").stat().st_mtime_ns == stamp
+    assert main(_argv(out, shared_data_dir, "--protocol", "bases", "--bases", "splines")) != 0
+    assert "unknown basis families ['splines']" in capsys.readouterr().err

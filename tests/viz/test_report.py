@@ -150,3 +150,16 @@ def test_inspect_command_reports_bad_options(tiny_run, shared_data_dir, capsys):
     assert "conv9" in capsys.readouterr().err
     assert main(["inspect", str(tiny_run / "missing")]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("basis", ["relu"])
+def test_inspect_model_with_another_basis_family(needs_matplotlib, tmp_path, basis):
+    model = create_model("kanc_mlp_small", grid_size=4, basis=basis, degree=4)
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+    files, summary = R.inspect_model(model, images, tmp_path, examples=images[:1])
+    assert {"conv1", "conv2"} <= set(summary["layers"])
+    assert {"phi_atlas_conv1.png", "nonlinearity.png", "effective_kernel_conv2.png"} <= set(files)
+    atlas = np.load(files["phi_atlas_conv2.npz"])
+    assert np.isfinite(atlas["phi"]).all() and atlas["phi"].std() > 0
+    lo, hi = atlas["grid_range"][..., 0], atlas["grid_range"][..., 1]
+    assert (lo < hi).all()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["add_arguments", "run", "time_interleaved", "train_step_benchmark", "compile_benchmark",
-           "layer_benchmark", "layer_peak_memory", "epoch_benchmark"]
+           "layer_benchmark", "layer_peak_memory", "epoch_benchmark", "bases_benchmark"]
 
 STEP_MODELS = [  # (label, registry name, grid size, implementation)
     ("KANC MLP (Medium) gs=10", "kanc_mlp_medium", 10, "fused"),
@@ -186,11 +186,12 @@ import json, re, sys, torch
 from torch import nn
 from kanvolution import KANConv2d
 impl, device = sys.argv[1], torch.device(sys.argv[2])
+options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {"grid_size": 10}
 torch.manual_seed(0)
 if impl == "conv":
     layer = nn.Conv2d(64, 64, 3, padding=1).to(device)
 else:
-    layer = KANConv2d(64, 64, 3, padding=1, grid_size=10, implementation=impl).to(device)
+    layer = KANConv2d(64, 64, 3, padding=1, implementation=impl, **options).to(device)
 x = torch.randn(16, 64, 32, 32, device=device, requires_grad=True)
 def step():
     layer(x).sum().backward()
@@ -209,6 +210,14 @@ print(json.dumps({"peak_bytes": peak}))
 """
 
 
+def _peak_bytes(impl: str, device: torch.device, options: dict | None = None) -> int:
+    """Peak extra memory of one forward+backward of the 64->64 layer in a fresh process."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    argv = [sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)] + ([json.dumps(options)] if options else [])
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
 def layer_peak_memory(device: torch.device | None = None) -> dict:
     """Peak extra memory of one forward+backward of the 64->64 layer, each in a fresh process.
 
@@ -219,16 +228,49 @@ def layer_peak_memory(device: torch.device | None = None) -> dict:
     device = device or torch.device("cpu")
     if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         return {"error": "peak memory on CPU needs Linux /proc"}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = {}
-    for impl in ("fused", "naive", "conv"):
-        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)], env=env,
-                              capture_output=True, text=True, check=True)
-        out[impl] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    out = {impl: _peak_bytes(impl, device) for impl in ("fused", "naive", "conv")}
     return {
         "peak_mib": {k: v / 2**20 for k, v in out.items()},
         "ratios": {"fused_vs_naive": out["fused"] / out["naive"], "fused_vs_conv": out["fused"] / out["conv"]},
     }
+
+
+def bases_benchmark(batch: int = 128, repeats: int = 10, layer_repeats: int = 5,
+                    device: torch.device | None = None, memory: bool = True,
+                    layer_shape: tuple[int, int, int, int] = (16, 64, 32, 32)) -> dict:
+    """Every basis family at the paper's parameter count (:data:`.models.MATCHED_BASES`).
+
+    Training step of KANC MLP (Medium) per family, interleaved with CNN (Medium) (ratio to it),
+    and the fused ``KANConv2d(64, 64, 3, padding=1)`` per family on ``(16, 64, 32, 32)``:
+    forward+backward time (interleaved) and peak memory (fresh process each, as
+    :func:`layer_peak_memory`; the time also on another ``layer_shape``, C -> C channels).
+    """
+    from ..layers import KANConv2d
+    from .models import MATCHED_BASES, create_model
+
+    device = device or torch.device("cpu")
+    steps, params = {}, {}
+    for label, options in [("CNN (Medium)", None)] + list(MATCHED_BASES.items()):
+        torch.manual_seed(0)
+        model = create_model("cnn_medium" if options is None else "kanc_mlp_medium", **(options or {})).to(device)
+        params[label] = sum(p.numel() for p in model.parameters())
+        steps[label] = _make_step(model, batch, device)
+    step_med = {k: statistics.median(v) for k, v in time_interleaved(steps, repeats, device).items()}
+    cnn = step_med["CNN (Medium)"]
+
+    torch.manual_seed(0)
+    x = torch.randn(layer_shape, device=device, requires_grad=True)
+    c = layer_shape[1]
+    layers = {name: KANConv2d(c, c, 3, padding=1, **options).to(device) for name, options in MATCHED_BASES.items()}
+    fns = {name: (lambda m: lambda: m(x).sum().backward())(layer) for name, layer in layers.items()}
+    layer_med = {k: statistics.median(v) for k, v in time_interleaved(fns, layer_repeats, device).items()}
+    rows = {}
+    for name in MATCHED_BASES:
+        rows[name] = {"params": params[name], "step_ms": step_med[name] * 1e3, "step_vs_cnn": step_med[name] / cnn,
+                      "layer_ms": layer_med[name] * 1e3, "layer_vs_bspline": layer_med[name] / layer_med["bspline"]}
+        if memory and tuple(layer_shape) == (16, 64, 32, 32) and (device.type == "cuda" or Path("/proc/self/clear_refs").exists()):
+            rows[name]["layer_peak_mib"] = _peak_bytes("fused", device, MATCHED_BASES[name]) / 2**20
+    return {"batch": batch, "cnn_step_ms": cnn * 1e3, "cnn_params": params["CNN (Medium)"], "families": rows}
 
 
 def epoch_benchmark(data_dir: str | None, model: str = "kanc_mlp_medium", grid_size: int | None = 10,
@@ -283,11 +325,23 @@ def _print_report(report: dict) -> None:
         print("| implementation | peak MiB |\n| --- | ---: |")
         for name, mib in s["peak_mib"].items():
             print(f"| {name} | {mib:.1f} |")
+    if "bases" in report:
+        s = report["bases"]
+        print(f"\nBasis families at matched size: KANC MLP (Medium) training step (batch {s['batch']}; CNN (Medium)"
+              f" {s['cnn_step_ms']:.2f} ms) and KANConv2d(64, 64, 3, padding=1) forward+backward on"
+              " (16, 64, 32, 32), median")
+        print("| basis | params | ms / step | x CNN | layer ms | x bspline | layer peak MiB |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, r in s["families"].items():
+            mib = f"{r['layer_peak_mib']:.1f}" if "layer_peak_mib" in r else "-"
+            print(f"| {name} | {r['params']:,} | {r['step_ms']:.2f} | {r['step_vs_cnn']:.2f} | {r['layer_ms']:.1f} | "
+                  f"{r['layer_vs_bspline']:.2f} | {mib} |")
     if "epoch" in report:
         s = report["epoch"]
         print(f"\nFashion-MNIST epoch through the trainer ({s['model']}, gs={s['grid_size']}): "
               f"{s['seconds']:.1f} s = {s['minutes_per_epoch']:.4f} minutes per epoch")
-    print("\nRatios (same run) against the targets")
+    if report["checks"]:
+        print("\nRatios (same run) against the targets")
     for name, (value, target, ok) in report["checks"].items():
         print(f"- {name}: {value:.3f} (target {'<=' if name != 'reference_vs_kanc10' else '>='} {target:g}) "
               f"{'OK' if ok else 'MISSED'}")
@@ -313,8 +367,9 @@ def _checks(report: dict) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="+", choices=("step", "compile", "layer", "memory", "epoch"),
-                        default=["step", "compile", "layer", "memory", "epoch"], help="which benchmarks to run")
+    parser.add_argument("--only", nargs="+", choices=("step", "compile", "layer", "memory", "epoch", "bases"),
+                        default=["step", "compile", "layer", "memory", "epoch"],
+                        help="which benchmarks to run (bases: every basis family, run only when named)")
     parser.add_argument("--data-dir", default=None, help="folder with fashion-mnist/ (for the epoch benchmark)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds of the step benchmark")
     parser.add_argument("--reference-repeats", type=int, default=3, help="rounds for the slow reference loop")
@@ -340,6 +395,8 @@ def run(args: argparse.Namespace) -> int:
         report["memory"] = layer_peak_memory(device)
     if "epoch" in args.only:
         report["epoch"] = epoch_benchmark(args.data_dir, device=args.device)
+    if "bases" in args.only:
+        report["bases"] = bases_benchmark(repeats=args.repeats, device=device)
     report["checks"] = _checks(report)
     _print_report(report)
     if args.out:

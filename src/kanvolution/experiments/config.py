@@ -68,6 +68,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu (bit-exact reruns are promised on cpu only)
     num_threads: int | None = None  # torch.set_num_threads; None = torch's default
     progress: bool | None = None  # tqdm bars; None = only when stderr is a terminal
+    basis: str = "bspline"  # basis family of the KAN layers (kanvolution.bases.list_bases())
+    degree: int | None = None  # degree D of the polynomial families; None = the layers' default
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an option that cannot work."""
@@ -103,6 +105,12 @@ class TrainConfig:
             raise ConfigError(f"hflip is for fashion-mnist only (mirrored digits change meaning), got {self.dataset!r}")
         if not self.eval_test and self.val_fraction == 0:
             raise ConfigError("a run that skips the test set needs a validation split (val_fraction > 0)")
+        from ..bases import list_bases
+
+        if self.basis not in list_bases():
+            raise ConfigError(f"basis must be one of {', '.join(list_bases())}, got {self.basis!r}")
+        if self.degree is not None and (not isinstance(self.degree, int) or self.degree < 0):
+            raise ConfigError(f"degree must be a non-negative integer or None, got {self.degree!r}")
         if self.selected_epoch is not None and self.selected_epoch > self.epochs:
             raise ConfigError(f"selected_epoch {self.selected_epoch} is beyond epochs {self.epochs}")
 
@@ -137,6 +145,8 @@ _RESUME_MUST_MATCH = (
     "max_train_samples",
     "max_test_samples",
     "precision",
+    "basis",
+    "degree",
 )
 
 
@@ -162,13 +172,23 @@ def resolved_grid_size(config: TrainConfig) -> int | None:
         raise ConfigError(f"model {config.model!r} has no KAN layers, so it takes no grid size")
     if config.grid_update_epochs:
         raise ConfigError(f"model {config.model!r} has no KAN layers, so it has no grids to update")
+    if config.basis != "bspline" or config.degree is not None:
+        raise ConfigError(f"model {config.model!r} has no KAN layers, so it takes no basis or degree")
     return None
+
+
+def basis_options(config: TrainConfig) -> dict:
+    """The layer options of a non-default basis (``{}`` for the paper's B-splines)."""
+    options = {} if config.basis == "bspline" else {"basis": config.basis}
+    return options if config.degree is None else {**options, "degree": config.degree}
 
 
 def build_model(config: TrainConfig) -> nn.Module:
     """The untrained zoo model that ``config`` names."""
     grid_size = resolved_grid_size(config)
-    return create_model(config.model) if grid_size is None else create_model(config.model, grid_size=grid_size)
+    if grid_size is None:
+        return create_model(config.model)
+    return create_model(config.model, grid_size=grid_size, **basis_options(config))
 
 
 def display_name(model: str, grid_size: int | None) -> str:

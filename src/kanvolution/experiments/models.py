@@ -23,6 +23,7 @@ __all__ = [
     "list_models",
     "model_info",
     "paper_name",
+    "MATCHED_BASES",
     "kanc_mlp_small",
     "kanc_mlp_medium",
     "kanc_mlp_big",
@@ -136,8 +137,9 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint_path: str | 
         'KKAN (Small) (gs = 20)'
     """
     info = model_info(name)
-    if "grid_size" in kwargs and not info.has_kan:
-        raise ValueError(f"{name!r} has no KAN layers, so it takes no grid_size")
+    kan_only = [k for k in ("grid_size", "basis", "degree", "basis_options") if k in kwargs]
+    if kan_only and not info.has_kan:
+        raise ValueError(f"{name!r} has no KAN layers, so it takes no {', '.join(kan_only)}")
     model = info.builder(**kwargs)
     if pretrained and checkpoint_path is not None:
         raise ValueError("pass pretrained=True or checkpoint_path=..., not both")
@@ -396,3 +398,20 @@ def cnn_small_net_matched() -> ZooModel:
     """
     layers = _small_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _SMALL_NET_CNN_WIDTHS)
     return ZooModel(layers, paper_name=paper_name("cnn_small_net_matched"))
+
+
+# Layer options of every basis family with as many parameters per phi as the paper's B-splines
+# at G = 10, K = 3 (15: 13 coefficients, w_base, w_scale), so KAN models keep their size;
+# fourier has an even count: G = 7 gives 16 (KANC MLP (Medium): 10,430 parameters, +5%).
+MATCHED_BASES: dict[str, dict[str, Any]] = {
+    "bspline": {"grid_size": 10},
+    "rbf": {"basis": "rbf", "grid_size": 13},
+    "wavelet": {"basis": "wavelet", "grid_size": 13},
+    "chebyshev": {"basis": "chebyshev", "degree": 12},
+    "legendre": {"basis": "legendre", "degree": 12},
+    "gram": {"basis": "gram", "degree": 12},
+    "jacobi": {"basis": "jacobi", "degree": 12},
+    "bernstein": {"basis": "bernstein", "degree": 12},
+    "fourier": {"basis": "fourier", "grid_size": 7},
+    "relu": {"basis": "relu", "grid_size": 10},
+}

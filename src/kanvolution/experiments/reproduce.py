@@ -26,11 +26,13 @@ from .training import NonFiniteLossError, train
 __all__ = [
     "BEYOND_MODELS",
     "BEYOND_RECIPE",
+    "BASES_MODEL",
     "FIXED_HPARAMS",
     "PAPER_GRID",
     "PAPER_MODELS",
     "ReproduceConfig",
     "paper_combinations",
+    "bases_table",
     "reproduce",
     "run_search",
 ]
@@ -46,6 +48,7 @@ PAPER_COMBINATIONS = 8
 PAPER_MAX_EPOCHS = 20
 PAPER_VAL_FRACTION = 0.2
 FIXED_HPARAMS: dict[str, float | int] = {"lr": 1e-3, "weight_decay": 1e-4, "batch_size": 128}
+PROTOCOLS = ("paper", "paper-configs", "fixed", "beyond", "bases")  # see ReproduceConfig.protocol
 # The models of the paper's table (CKAN_BN has no published number; pass it explicitly).
 PAPER_MODELS = (
     "cnn_more_convs",
@@ -112,8 +115,9 @@ class ReproduceConfig:
     grid_sizes: Sequence[int] = (10, 20)  # for models with KAN layers; plain CNNs get one row
     # "paper" = search then retrain; "paper-configs" = the paper's own search winners (its logs),
     # once per seed in `seeds`; "fixed" = FIXED_HPARAMS; "beyond" = BEYOND_RECIPE for `epochs`,
-    # once per seed in `seeds`, at each model's own default grid size
-    protocol: Literal["paper", "paper-configs", "fixed", "beyond"] = "paper"
+    # once per seed in `seeds`, at each model's own default grid size; "bases" = BASES_MODEL with
+    # every basis family in `bases` at matched size, FIXED_HPARAMS, `epochs` epochs, once per seed
+    protocol: Literal["paper", "paper-configs", "fixed", "beyond", "bases"] = "paper"
     epochs: int = PAPER_MAX_EPOCHS  # search budget per trial ("paper") or training length ("fixed")
     trials: int = PAPER_COMBINATIONS  # how many of the paper's combinations the search runs
     storage: str | None = None  # Optuna storage URL; None = sqlite:///OUT/study.db
@@ -126,7 +130,8 @@ class ReproduceConfig:
     num_threads: int | None = None
     progress: bool | None = None
     seed: int = 0  # torch seed of every training run (the paper's)
-    seeds: Sequence[int] = (0, 1, 2)  # torch seeds of the "paper-configs" and "beyond" protocols
+    seeds: Sequence[int] = (0, 1, 2)  # torch seeds of the "paper-configs", "beyond" and "bases" protocols
+    bases: Sequence[str] | None = None  # basis families of the "bases" protocol; None = all
     heartbeat: int = HEARTBEAT_SECONDS  # a running trial proves its worker alive this often (seconds)
     extra: dict[str, Any] = field(default_factory=dict)  # further TrainConfig options
 
@@ -335,14 +340,16 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[
         The content of ``reproduce.json``: per run tag the winner (paper protocol) and the
         folder of the final run.
     """
-    if cfg.protocol not in ("paper", "paper-configs", "fixed", "beyond"):
-        raise ValueError(f"protocol must be 'paper', 'paper-configs', 'fixed' or 'beyond', got {cfg.protocol!r}")
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {cfg.protocol!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper-configs":
         return _reproduce_paper_configs(cfg, out, log)
     if cfg.protocol == "beyond":
         return _reproduce_beyond(cfg, out, log)
+    if cfg.protocol == "bases":
+        return _reproduce_bases(cfg, out, log)
     storage_url = _storage_url(cfg)
     summary: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.dataset, "runs": {}}
     if cfg.protocol == "paper":
@@ -466,6 +473,118 @@ def _run_seeds(
     log("")
     log(make_table(finals, cfg))
     return summary
+
+
+BASES_MODEL = "kanc_mlp_medium"
+
+
+def _reproduce_bases(cfg: ReproduceConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """KANC MLP (Medium) with each basis family at the B-spline model's size (``MATCHED_BASES``),
+    one fixed recipe, once per seed: ``OUT/FAMILY/seedS/``, ``OUT/table.md``, ``OUT/bases.png``.
+
+    Seed-major order, so that an interrupted study has complete tables for its first seeds;
+    finished runs are skipped and unfinished ones resume on a rerun.
+    """
+    from .models import MATCHED_BASES
+
+    families = list(cfg.bases) if cfg.bases else list(MATCHED_BASES)
+    unknown = [f for f in families if f not in MATCHED_BASES]
+    if unknown:
+        raise ValueError(f"unknown basis families {unknown}; expected some of {list(MATCHED_BASES)}")
+    summary: dict[str, Any] = {"protocol": cfg.protocol, "dataset": cfg.dataset, "model": BASES_MODEL,
+                               "seeds": list(cfg.seeds), "epochs": cfg.epochs, **FIXED_HPARAMS, "runs": {}}
+    finals: list[Path] = []
+    for seed in cfg.seeds:
+        for family in families:
+            options = MATCHED_BASES[family]
+            if set(options) - {"basis", "grid_size", "degree"}:
+                raise ValueError(f"the study sets grid_size, basis and degree only, got {options}")
+            run_dir = out / family / f"seed{seed}"
+            config = cfg.train_config(BASES_MODEL, options.get("grid_size", 10), seed=seed, epochs=cfg.epochs,
+                                      basis=options.get("basis", "bspline"), degree=options.get("degree"),
+                                      **FIXED_HPARAMS)
+            log(f"{family} seed {seed} -> {run_dir}")
+            try:
+                train(config, run_dir, resume=True, log=lambda line: log(f"  {line}"))
+            except NonFiniteLossError as err:
+                log(f"  {err}")
+            summary["runs"].setdefault(family, []).append(str(run_dir))
+            finals.append(run_dir)
+            write_json(out / "reproduce.json", summary)
+            table = bases_table(finals, cfg)
+            atomic_write(out / "table.md", lambda f: f.write(table), mode="w")
+    _plot_bases(finals, out / "bases.png", cfg)
+    log("")
+    log(bases_table(finals, cfg))
+    return summary
+
+
+def _bases_rows(run_dirs: Sequence[Path]) -> dict[str, dict[str, list[float]]]:
+    """Per family: the last-epoch test accuracy and F1 (%), parameters and minutes per epoch of its runs."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for d in run_dirs:
+        if not (Path(d) / "results.json").is_file():
+            continue
+        res = load_results(d)
+        if not res.get("test_last"):
+            continue
+        row = rows.setdefault(res["config"].get("basis", "bspline"), {"acc": [], "f1": [], "params": [], "min": []})
+        row["acc"].append(100 * res["test_last"]["accuracy"])
+        row["f1"].append(100 * res["test_last"]["f1"])
+        row["params"].append(res["params"])
+        row["min"].append(res["minutes_per_epoch"])
+    return rows
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def bases_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
+    """Markdown for the "bases" protocol: one row per family, mean ± sample std over the seeds."""
+    lines = [
+        f"# {cfg.dataset}: KANC MLP (Medium) per basis family",
+        "",
+        "Every family at the B-spline model's parameter count (G = 10, K = 3; within 10%), AdamW lr"
+        f" {FIXED_HPARAMS['lr']:g}, weight decay {FIXED_HPARAMS['weight_decay']:g}, batch"
+        f" {FIXED_HPARAMS['batch_size']}, {cfg.epochs} epochs, no schedule, torch seeds"
+        f" {', '.join(str(s) for s in cfg.seeds)}. Last-epoch test metrics; mean ± sample std over the"
+        " finished seeds (n).",
+        "",
+        "| basis | params | test accuracy (%) | test F1 (%) | min / epoch | n |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if cfg.max_train_samples or cfg.max_test_samples:
+        lines[2] += (f" Subsampled: {cfg.max_train_samples or 'all'} training / {cfg.max_test_samples or 'all'}"
+                     " test images.")
+    for family, row in _bases_rows(run_dirs).items():
+        acc, f1, mins = _mean_std(row["acc"]), _mean_std(row["f1"]), _mean_std(row["min"])
+        lines.append(f"| {family} | {int(row['params'][0]):,} | {acc[0]:.2f} ± {acc[1]:.2f} | {f1[0]:.2f} ± {f1[1]:.2f}"
+                     f" | {mins[0]:.3f} | {len(row['acc'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot_bases(run_dirs: Sequence[Path], path: Path, cfg: ReproduceConfig) -> None:
+    """Last-epoch test accuracy per family, mean with sample-std error bars."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:  # matplotlib is optional
+        return
+    rows = _bases_rows(run_dirs)
+    if not rows:
+        return
+    stats = [_mean_std(r["acc"]) for r in rows.values()]
+    fig = Figure(figsize=(7, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.errorbar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o", capsize=4)
+    ax.set_xticks(range(len(rows)), list(rows), rotation=30)
+    ax.set_ylabel("last-epoch test accuracy (%)")
+    ax.set_title(f"KANC MLP (Medium) per basis family, {cfg.dataset}, seeds {', '.join(map(str, cfg.seeds))}")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def paper_configs_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:

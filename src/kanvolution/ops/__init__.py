@@ -2,18 +2,19 @@
 
 - :mod:`.kan`: the ops ``kanvolution::kan_forward`` / ``kan_backward``, their fake kernels,
   autograd and a decomposition table into aten operations;
-- :mod:`.bases`: the registry of basis families the ops expand into (``"bspline"``);
+- :mod:`.bases`: the registry of basis families the ops expand into (the families themselves
+  live in :mod:`kanvolution.bases`);
 - :mod:`.activations`: the base activations the ops know by name;
 - :mod:`.build`: building and loading the compiled CPU loops in ``csrc/``.
 """
 from .activations import ACTIVATIONS, activation_name
-from .bases import BasisFamily, get_basis, register_basis
+from .bases import BasisFunctions, get_basis, list_bases, register_basis
 from .build import is_enabled, set_enabled
 from .kan import decompositions, dense_kan, kan_backward, kan_forward, release_workspace
 
 __all__ = [
     "ACTIVATIONS",
-    "BasisFamily",
+    "BasisFunctions",
     "activation_name",
     "decompositions",
     "dense_kan",
@@ -21,7 +22,10 @@ __all__ = [
     "is_enabled",
     "kan_backward",
     "kan_forward",
+    "list_bases",
     "register_basis",
     "release_workspace",
     "set_enabled",
 ]
+
+from .. import bases as _families  # noqa: E402,F401  (registers every family)

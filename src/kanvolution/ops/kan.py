@@ -112,7 +112,7 @@ def _canonical(out: Tensor, fmt: torch.memory_format) -> Tensor:
 def _expand(xs: Tensor, state: Tensor, basis: str, option: int, activation: str, compiled: bool) -> Tensor:
     """Channel-last expansion rows ``(n, *S, C, 1 + n_bases)`` of a chunk ``xs`` (``(n, *S, C)``)."""
     family = get_basis(basis)
-    out = _workspace_tensor(xs.shape + (1 + family.num_bases(state, option),), xs)
+    out = _workspace_tensor(xs.shape + (1 + family.num_basis(state, option),), xs)
     act = ACTIVATIONS[activation][0](xs)
     if not (compiled and family.cpu_fill is not None and family.cpu_fill(xs, state, option, act, out)):
         family.fill(xs, state, option, act, out)
@@ -126,7 +126,7 @@ def _channels_first(rows: Tensor) -> Tensor:
 
 def _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, compiled):
     xl = x.contiguous()  # (N, *S, C)
-    per_sample = xl[:1].numel() * (1 + get_basis(basis).num_bases(state, option)) * xl.element_size()
+    per_sample = xl[:1].numel() * (1 + get_basis(basis).num_basis(state, option)) * xl.element_size()
     outs = []
     for s, e in _chunks(xl.shape[0], per_sample):
         rows = _expand(xl[s:e], state, basis, option, activation, compiled)
@@ -146,7 +146,7 @@ def _backward(grad_out, x, state, weight, basis, option, activation, stride, dil
     grad_xl = torch.empty(xl.shape, dtype=xl.dtype, device=xl.device) if need_x else None
     grad_w = torch.zeros_like(weight) if need_w else None
     zeros = [0] * len(stride)
-    per_sample = xl[:1].numel() * (1 + family.num_bases(state, option)) * xl.element_size()
+    per_sample = xl[:1].numel() * (1 + family.num_basis(state, option)) * xl.element_size()
     for s, e in _chunks(xl.shape[0], per_sample):
         xs, go = xl[s:e], grad_out[s:e]
         rows = _expand(xs, state, basis, option, activation, compiled)

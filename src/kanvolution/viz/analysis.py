@@ -76,6 +76,21 @@ def _channel_of_phi(layer: _KANLayer) -> Tensor:
     return (o // per_group) * in_g + torch.arange(in_g).view(1, -1)
 
 
+def _function_range(layer) -> Tensor:
+    """``(C, 2)``: per input channel, where the basis functions are defined on a grid (B-splines:
+    the knots' interior span; rbf, wavelet: first and last centre; relu: the bumps' span); the
+    families on all reals (polynomials in tanh, Fourier) get the layer's ``grid_range``."""
+    state, name = layer.grid, getattr(layer, "basis_name", "bspline")
+    if name == "bspline":
+        K = layer.spline_order
+        return torch.stack([state[:, K], state[:, -K - 1]], dim=1)
+    if name in ("rbf", "wavelet"):
+        return torch.stack([state[:, 0], state[:, -2]], dim=1)
+    if name == "relu":
+        return torch.stack([state[:, 0], state[:, -2] + state[:, -1]], dim=1)
+    return torch.tensor(layer.grid_range, dtype=torch.float64).expand(layer.in_channels, 2)
+
+
 def _float64_copy(layer: _KANLayer) -> _KANLayer:
     # The scores compare tiny residuals with the spread of phi; float64 keeps round-off out of them.
     return copy.deepcopy(layer).to(device="cpu", dtype=torch.float64).requires_grad_(False)
@@ -310,9 +325,7 @@ def phi_atlas(layer: _KANLayer, x: Tensor | None = None, *, histograms: dict[str
     extra = counts.dim() - 2
     density = counts / counts.sum(-1, keepdim=True).clamp_min(1) / widths.view(widths.shape[:1] + (1,) * extra
                                                                                 + widths.shape[1:])
-    K = layer.spline_order
-    knots = lay.grid
-    grid_range = torch.stack([knots[:, K], knots[:, -K - 1]], dim=1)
+    grid_range = _function_range(lay)
     return {
         "out_channels": np.asarray(oi),
         "in_index": np.asarray(ji),
