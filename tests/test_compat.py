@@ -95,8 +95,6 @@ def test_refuses_non_uniform_or_inconsistent_grids():
     layer = KAN_Convolutional_Layer(cin, cout, k, grid_size=G)
     with pytest.raises(ValueError, match="not a uniform knot vector"):
         layer.load_state_dict(bad)
-    bad = dict(state)
-    bad["convs.1.conv.grid"] = _paper_grid(G, K, 4, lo=-2.0, hi=2.0)
     other = _paper_state(1, 2, k, G, K)
     other["convs.1.conv.grid"] = _paper_grid(G, K, 4, lo=-2.0, hi=2.0)  # same input channel, other output
     with pytest.raises(ValueError, match="differ between output channels"):

@@ -129,7 +129,7 @@ def test_linear_parity_and_gradcheck():
 
 
 def test_matches_paper_formula_by_hand():
-    """One output pixel computed from SPEC's formula with the dense Cox-de Boor bases."""
+    """One output pixel computed from the paper's formula with the dense Cox-de Boor bases."""
     torch.manual_seed(0)
     layer = KANConv2d(2, 1, 2, padding=1, dtype=torch.float64, grid_size=4)
     with torch.no_grad():
@@ -308,7 +308,7 @@ def test_state_dict_and_pickle_round_trip():
 
 
 def test_repr_shows_non_defaults():
-    r = repr(KANConv2d(3, 8, 3, stride=2, padding="same" if False else 1, groups=1, grid_size=10))
+    r = repr(KANConv2d(3, 8, 3, stride=2, padding=1, groups=1, grid_size=10))
     assert "3, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), grid_size=10" in r
     assert "spline_order" not in r
     r = repr(KANConv1d(2, 2, 3, padding="same", padding_mode="reflect", spline_order=2, bias=True))

@@ -2,7 +2,7 @@
 
 The modules in :mod:`kanvolution.layers` call these functions. Everything here depends on torch alone.
 
-The layer (see ``SPEC.md`` section 1) applies, for every kernel tap of every (input, output) channel
+The layer (the Convolutional-KAN paper's) applies, for every kernel tap of every (input, output) channel
 pair, a univariate function ``phi(t) = w_base * act(t) + w_scale * sum_g c_g B_g(t)`` to the padded
 input and sums the results. Because the bases of a pixel depend only on its value and its input
 channel's knots, the layer equals ONE ordinary convolution of the *expanded* input
@@ -220,7 +220,7 @@ def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_or
 
 
 def _check_kan_args(input: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
-                    grid: Tensor, spline_order: int, groups: int, ndim: int, basis: str = "bspline") -> None:
+                    grid: Tensor, spline_order: int, groups: int, basis: str = "bspline") -> None:
     if not input.is_floating_point():
         raise TypeError(f"expected a floating point input, got dtype {input.dtype}")
     if input.dtype != base_weight.dtype and _autocast_dtype(input, base_weight.dtype) is None:
@@ -251,7 +251,7 @@ def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bi
             f"kan_conv{ndim}d expects a batched input of {ndim + 2} dimensions (N, C, "
             f"{', '.join('DHW'[3 - ndim:])}), got {input.dim()} dimensions of shape {tuple(input.shape)}"
         )
-    _check_kan_args(input, base_weight, spline_weight, spline_scaler, grid, spline_order, groups, ndim, basis)
+    _check_kan_args(input, base_weight, spline_weight, spline_scaler, grid, spline_order, groups, basis)
     kernel = tuple(base_weight.shape[2:])
     stride = _ntuple(stride, ndim, "stride")
     dilation = _ntuple(dilation, ndim, "dilation")
@@ -349,7 +349,7 @@ def _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, sp
         raise ValueError("kan_linear expects an input of shape (*, in_features), got a scalar")
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
-    _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, 0, basis)
+    _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, basis)
     weight = combine_weights(base_weight, spline_weight, spline_scaler)
     out = _kan(x, grid, weight, bias, spline_order, base_activation, (), (), 1, naive, basis=basis)
     return out.view(*lead, out.shape[-1])
