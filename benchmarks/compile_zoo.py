@@ -42,7 +42,12 @@ def check(name: str, options: dict, batch: int = 16) -> dict:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
-    grads = [rel(pc.grad, pe.grad) for pc, pe in zip(compiled_model.parameters(), eager.parameters())]
+    # A gradient that is zero in exact arithmetic (a convolution's bias before a batch norm) is
+    # rounding noise in both runs: it is measured against the model's largest gradient instead.
+    largest = max(float(p.grad.abs().max()) for p in eager.parameters())
+    grads = [rel(pc.grad, pe.grad) if pe.grad.abs().max() >= 1e-5 * largest
+             else float((pc.grad - pe.grad).abs().max()) / largest
+             for pc, pe in zip(compiled_model.parameters(), eager.parameters())]
     return {"output_rel_err": rel(out_c.detach(), out_e.detach()), "max_grad_rel_err": max(grads),
             "first_step_s": seconds}
 

@@ -88,7 +88,7 @@ def knot_params(grid: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError: if some channel's knots are not uniform (adapted knots: use the dense path).
     """
-    from ..functional import _uniform_spacing
+    from ..ops.bspline import _uniform_spacing
 
     if grid.dim() != 2 or grid.shape[1] < 4:
         raise ValueError(f"grid must be (C, G + 2K + 1) knots, got shape {tuple(grid.shape)}")

@@ -46,9 +46,10 @@ __all__ = ["kan_forward", "kan_backward", "dense_kan", "decompositions", "releas
 # chunk by chunk in forward and backward, which bounds peak memory independently of batch size.
 EXPANSION_CHUNK_BYTES = 32 * 2**20
 
-# Inductor options for ``torch.compile(model, options=COMPILE_OPTIONS)``. Inductor's peak-memory
-# reordering (torch 2.13) can move a max-pool's backward scatter after the kernel that reads its
-# result: zero gradients for the convolutions before the pool, with or without KAN layers (a
+# Inductor options for ``torch.compile(model, options=COMPILE_OPTIONS)``. On CPU, torch 2.13's
+# inductor loses a kernel's dependency on a max-pool's backward scatter when it re-derives the
+# kernel's loops for a fusion; its peak-memory reordering may then run the scatter after that
+# kernel: zero gradients for the convolutions before the pool, with or without KAN layers (a
 # linear layer whose weight is built from several parameters is enough). Off, the order is kept.
 COMPILE_OPTIONS = {"reorder_for_peak_memory": False}
 
