@@ -67,7 +67,7 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _coefficients(spline_order: int) -> tuple[Tensor, Tensor]:
     """Monomial coefficients of the ``K + 1`` pieces (``coef[r][p]``) and of their derivatives."""
-    from ..functional import _uniform_pieces
+    from ..ops.bspline import _uniform_pieces
 
     A, D = _uniform_pieces(spline_order)
     K = spline_order
