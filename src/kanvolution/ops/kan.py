@@ -42,11 +42,18 @@ from .activations import ACTIVATIONS
 from .bases import get_basis
 
 __all__ = ["kan_forward", "kan_backward", "dense_kan", "decompositions", "release_workspace",
-           "EXPANSION_CHUNK_BYTES"]
+           "EXPANSION_CHUNK_BYTES", "COMPILE_OPTIONS"]
 
 # The expansion of one batch chunk is kept under this many bytes; larger batches are processed
 # chunk by chunk in forward and backward, which bounds peak memory independently of batch size.
 EXPANSION_CHUNK_BYTES = 32 * 2**20
+
+# Inductor options for ``torch.compile(model, options=COMPILE_OPTIONS)``. On CPU, torch 2.13's
+# inductor loses a kernel's dependency on a max-pool's backward scatter when it re-derives the
+# kernel's loops for a fusion; its peak-memory reordering may then run the scatter after that
+# kernel: zero gradients for the convolutions before the pool, with or without KAN layers (a
+# linear layer whose weight is built from several parameters is enough). Off, the order is kept.
+COMPILE_OPTIONS = {"reorder_for_peak_memory": False}
 
 _workspace = threading.local()
 
