@@ -10,9 +10,10 @@
 from .activations import ACTIVATIONS, activation_name
 from .bases import BasisFunctions, get_basis, list_bases, register_basis
 from .build import is_enabled, set_enabled
-from .kan import decompositions, dense_kan, kan_backward, kan_forward, release_workspace
+from .kan import COMPILE_OPTIONS, decompositions, dense_kan, kan_backward, kan_forward, release_workspace
 
 __all__ = [
+    "COMPILE_OPTIONS",
     "ACTIVATIONS",
     "BasisFunctions",
     "activation_name",
