@@ -26,28 +26,13 @@ def _untimed(history):
 
 
 @pytest.fixture
-def recipe(shared_data_dir):
+def recipe(tiny):
     """A TrainConfig factory: the whole modern recipe on 512 training / 256 test images."""
 
     def make(**overrides):
-        options = dict(
-            model="cnn_small",
-            dataset="fashion-mnist",
-            data_dir=str(shared_data_dir),
-            download=False,
-            epochs=3,
-            max_train_samples=512,
-            max_test_samples=256,
-            progress=False,
-            lr_schedule="warmup-cosine",
-            warmup_epochs=1,
-            label_smoothing=0.1,
-            crop_padding=2,
-            hflip=True,
-            val_fraction=0.25,
-        )
-        options.update(overrides)
-        return TrainConfig(**options)
+        options = dict(epochs=3, lr_schedule="warmup-cosine", warmup_epochs=1, label_smoothing=0.1,
+                       crop_padding=2, hflip=True, val_fraction=0.25)
+        return tiny(**{**options, **overrides})
 
     return make
 

@@ -600,10 +600,8 @@ def paper_configs_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
         " 0.5 points away marked *. Epoch: the selected epoch of each seed.",
         "",
     ]
-    for selection, title in (("paper", "Best test epoch (the paper's selection: optimistic)"),
-                             ("last", "Last epoch (no selection)")):
-        parts += [f"## {title}", "", seed_table(files, selection)]  # type: ignore[arg-type]
-    return "\n".join(parts)
+    return _seed_sections(parts, files, (("paper", "Best test epoch (the paper's selection: optimistic)"),
+                                         ("last", "Last epoch (no selection)")))
 
 
 def beyond_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
@@ -620,8 +618,13 @@ def beyond_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
         " pass over the test set, on this machine.",
         "",
     ]
-    for selection, title in (("val", "Validation-selected epoch (best validation accuracy)"),
-                             ("last", "Last epoch (no selection)")):
+    return _seed_sections(parts, files, (("val", "Validation-selected epoch (best validation accuracy)"),
+                                         ("last", "Last epoch (no selection)")))
+
+
+def _seed_sections(parts: list[str], files: Sequence[Path], selections: Sequence[tuple[str, str]]) -> str:
+    """``parts`` (a title and an intro) followed by one mean ± std table per ``(selection, title)``."""
+    for selection, title in selections:
         parts += [f"## {title}", "", seed_table(files, selection)]  # type: ignore[arg-type]
     return "\n".join(parts)
 
