@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kanvolution import KANConv2d
 from kanvolution.experiments.checkpoint import load_checkpoint
-from kanvolution.experiments.config import ConfigError, TrainConfig
+from kanvolution.experiments.config import ConfigError
 from kanvolution.experiments.data import augment_batch
 from kanvolution.experiments.models import create_model, list_models
 from kanvolution.experiments.reproduce import BEYOND_RECIPE, ReproduceConfig, reproduce
