@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .bases.reference import padded_windows
+
 __all__ = ["bspline_bases", "kan_conv_reference", "kan_linear_reference"]
 
 
@@ -33,10 +35,6 @@ def _phi(x: Tensor, w_base: Tensor, coeff: Tensor, w_scale: Tensor, knots: Tenso
     return w_base * act(x) + w_scale * spline
 
 
-def _as_tuple(v, n):
-    return (v,) * n if isinstance(v, int) else tuple(v)
-
-
 def kan_conv_reference(
     input: Tensor,
     base_weight: Tensor,
@@ -55,24 +53,8 @@ def kan_conv_reference(
     """KAN convolution of any dimension (1, 2 or 3), one (output, input) channel pair at a time."""
     n = input.dim() - 2
     kernel = tuple(base_weight.shape[2:])
-    stride, dilation = _as_tuple(stride, n), _as_tuple(dilation, n)
-    if padding == "valid":
-        pads = [(0, 0)] * n
-    elif padding == "same":
-        pads = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation)]
-    else:
-        pads = [(p, p) for p in _as_tuple(padding, n)]
-    flat = [v for pair in reversed(pads) for v in pair]
-    if padding_mode == "zeros":
-        x = F.pad(input, flat, mode="constant", value=0.0)
-    else:
-        x = F.pad(input, flat, mode=padding_mode)
-    # Windows: (N, C, *out, *kernel), the kernel taps in row-major order.
-    for d in range(n):
-        span = dilation[d] * (kernel[d] - 1) + 1
-        x = x.unfold(2 + d, span, stride[d])
-    index = (slice(None),) * (2 + n) + tuple(slice(None, None, d) for d in dilation)
-    windows = x[index]
+    # Windows: (N, C, *out, *kernel), the input padded first, the kernel taps in row-major order.
+    windows = padded_windows(input, kernel, stride, padding, dilation, padding_mode)
 
     c_out, c_in_g = base_weight.shape[:2]
     out_per_group = c_out // groups
