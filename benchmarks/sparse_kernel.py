@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kanvolution import KANConv2d, _sparse
+from kanvolution.experiments.bench import make_train_step
 from kanvolution.models import create_model
 from kanvolution.ops import sparse
 
@@ -91,20 +91,11 @@ def make_step(candidate: str, cin: int, cout: int, shape: tuple[int, ...], gs: i
     return _with_mode(candidate, step)
 
 
-def make_train_step(name: str, grid_size: int, batch: int, mode: str | None):
+def zoo_step(name: str, grid_size: int, batch: int, mode: str | None):
     """One AdamW training step of zoo model ``name`` on a fixed batch of 28x28 images."""
     torch.manual_seed(0)
     model = create_model(name, grid_size=grid_size) if name.startswith("kan") else create_model(name)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1
-    y = torch.randint(0, 10, (batch,), generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.nll_loss(model(x), y).backward()
-        opt.step()
-
+    step = make_train_step(model, batch, torch.device("cpu"))
     return _with_mode(mode, step) if mode else step
 
 
@@ -150,10 +141,10 @@ def time_layers(threads: int, reps: int, sweep: bool = False) -> list[dict]:
 def time_models(threads: int, reps: int) -> list[dict]:
     """KANC MLP (Medium) at each grid size and sparse mode against the CNN (Medium), interleaved."""
     torch.set_num_threads(threads)
-    steps = {"cnn_medium": make_train_step("cnn_medium", 0, MODEL_BATCH, None)}
+    steps = {"cnn_medium": zoo_step("cnn_medium", 0, MODEL_BATCH, None)}
     for gs in MODEL_GRID_SIZES:
         for candidate in MODES:
-            steps[f"kanc_mlp_medium gs={gs} {candidate}"] = make_train_step("kanc_mlp_medium", gs, MODEL_BATCH,
+            steps[f"kanc_mlp_medium gs={gs} {candidate}"] = zoo_step("kanc_mlp_medium", gs, MODEL_BATCH,
                                                                             candidate)
     row = _row(*_interleaved(steps, reps), "cnn_medium", batch=MODEL_BATCH, threads=threads)
     for c in steps:

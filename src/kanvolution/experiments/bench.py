@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["add_arguments", "run", "time_interleaved", "train_step_benchmark", "compile_benchmark",
+__all__ = ["add_arguments", "run", "time_interleaved", "make_train_step", "train_step_benchmark", "compile_benchmark",
            "layer_benchmark", "layer_peak_memory", "epoch_benchmark", "bases_benchmark"]
 
 STEP_MODELS = [  # (label, registry name, grid size, implementation)
@@ -68,7 +68,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, device:
     return times
 
 
-def _make_step(model: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
+def make_train_step(model: nn.Module, batch: int, device: torch.device) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 1, 28, 28, generator=gen) * 2 - 1).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -97,7 +97,7 @@ def train_step_benchmark(batch: int = 128, repeats: int = 20, reference_repeats:
         model = create_model(name, **({"grid_size": gs} if gs else {})).to(device)
         for _, layer in kan_layers(model):
             layer.implementation = impl
-        fns[label] = _make_step(model, batch, device)
+        fns[label] = make_train_step(model, batch, device)
     times = time_interleaved(fns, repeats, device, slow={STEP_MODELS[-1][0]: reference_repeats})
     med = {k: statistics.median(v) for k, v in times.items()}
     cnn = med["CNN (Medium)"]
@@ -133,8 +133,8 @@ def compile_benchmark(batch: int = 128, repeats: int = 20, device: torch.device 
         for _ in range(2):
             torch.manual_seed(0)
             pair.append(create_model(name, **({"grid_size": gs} if gs else {})).to(device))
-        fns[f"{label} eager"] = _make_step(pair[0], batch, device)
-        compiled = _make_step(torch.compile(pair[1], backend=backend), batch, device)
+        fns[f"{label} eager"] = make_train_step(pair[0], batch, device)
+        compiled = make_train_step(torch.compile(pair[1], backend=backend), batch, device)
         _sync(device)
         start = time.perf_counter()
         compiled()
@@ -254,7 +254,7 @@ def bases_benchmark(batch: int = 128, repeats: int = 10, layer_repeats: int = 5,
         torch.manual_seed(0)
         model = create_model("cnn_medium" if options is None else "kanc_mlp_medium", **(options or {})).to(device)
         params[label] = sum(p.numel() for p in model.parameters())
-        steps[label] = _make_step(model, batch, device)
+        steps[label] = make_train_step(model, batch, device)
     step_med = {k: statistics.median(v) for k, v in time_interleaved(steps, repeats, device).items()}
     cnn = step_med["CNN (Medium)"]
 
