@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.families import FOURIER, compiled_loops, fourier
 from ._base import Basis, BasisFunctions, check_int, register_basis
 
 __all__ = ["FourierBasis", "fourier_expand", "fourier_derivative"]
@@ -49,7 +50,9 @@ class FourierBasis(Basis):
     """
 
     name = "fourier"
-    functions = BasisFunctions(fourier_expand, fourier_derivative, lambda state, option: 2 * state.shape[-1] + option)
+    functions = BasisFunctions(
+        fourier_expand, fourier_derivative, lambda state, option: 2 * state.shape[-1] + option,
+        **compiled_loops(FOURIER, fourier))
 
     @staticmethod
     def initial_state(in_channels: int, *, grid_size: int = 5, constant_term: bool = False) -> tuple[Tensor, int]:

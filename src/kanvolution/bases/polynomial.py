@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..ops.families import BERNSTEIN, THREE_TERM, compiled_loops
 from ._base import Basis, BasisFunctions, check_int, register_basis
 
 __all__ = [
@@ -52,7 +53,12 @@ def _polynomial_family(coefficients: Coefficients) -> BasisFunctions:
     def derivative(x: Tensor, state: Tensor, option: int) -> Tensor:
         return _three_term(x, state, option, coefficients, derivative=True)
 
-    return BasisFunctions(expand, derivative, lambda state, option: option + 1)
+    def constants(state: Tensor, option: int, x: Tensor):  # the compiled loops' (A_n, B_n, C_n) table
+        steps = [[float(v) for v in step] for step in coefficients(state.to(torch.float64), option)]
+        return torch.tensor(steps, dtype=torch.float64), option + 1, 0
+
+    return BasisFunctions(expand, derivative, lambda state, option: option + 1,
+                          **compiled_loops(THREE_TERM, constants, tanh=True))
 
 
 class _PolynomialBasis(Basis):
@@ -198,6 +204,12 @@ class JacobiBasis(_PolynomialBasis):
             raise ValueError(f"basis 'jacobi' needs finite alpha > -1 and beta > -1, got alpha={alpha}, beta={beta}")
 
 
+def _binomials(state: Tensor, option: int, x: Tensor):
+    """The compiled loops' constants: ``C(D, 0..D)``, then ``C(D - 1, 0..D - 1)``."""
+    rows = [math.comb(option, k) for k in range(option + 1)] + [math.comb(option - 1, k) for k in range(option)]
+    return torch.tensor(rows, dtype=torch.float64), option + 1, 0
+
+
 def _bernstein(x: Tensor, degree: int, derivative: bool) -> Tensor:
     """de Casteljau's triangle in ``u = (1 + tanh x) / 2``: convex combinations only."""
     s = torch.tanh(x)
@@ -236,4 +248,5 @@ class BernsteinBasis(_PolynomialBasis):
     name = "bernstein"
     functions = BasisFunctions(lambda x, state, option: _bernstein(x, option, False),
                                lambda x, state, option: _bernstein(x, option, True),
-                               lambda state, option: option + 1)
+                               lambda state, option: option + 1,
+                               **compiled_loops(BERNSTEIN, _binomials, tanh=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.families import RBF, WAVELET, centred, compiled_loops
 from ._base import Basis, BasisFunctions, check_channels, check_int, check_range, check_state_rows, register_basis
 
 __all__ = ["RBFBasis", "WaveletBasis", "rbf_expand", "rbf_derivative", "wavelet_expand", "wavelet_derivative"]
@@ -96,7 +97,8 @@ class RBFBasis(_CentredBasis):
     """
 
     name = "rbf"
-    functions = BasisFunctions(rbf_expand, rbf_derivative, _num_centres)
+    functions = BasisFunctions(rbf_expand, rbf_derivative, _num_centres,
+                               **compiled_loops(RBF, centred))
 
 
 @register_basis
@@ -113,4 +115,5 @@ class WaveletBasis(_CentredBasis):
     """
 
     name = "wavelet"
-    functions = BasisFunctions(wavelet_expand, wavelet_derivative, _num_centres)
+    functions = BasisFunctions(wavelet_expand, wavelet_derivative, _num_centres,
+                               **compiled_loops(WAVELET, centred))

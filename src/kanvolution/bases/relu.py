@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.families import RELU, compiled_loops, per_channel
 from ._base import Basis, BasisFunctions, check_channels, check_int, check_range, check_state_rows, register_basis
 
 __all__ = ["ReLUBasis", "relu_expand", "relu_derivative", "relu_local"]
@@ -71,7 +72,8 @@ class ReLUBasis(Basis):
 
     name = "relu"
     has_grid = True
-    functions = BasisFunctions(relu_expand, relu_derivative, lambda state, option: state.shape[-1] - 1, relu_local)
+    functions = BasisFunctions(relu_expand, relu_derivative, lambda state, option: state.shape[-1] - 1, relu_local,
+                               **compiled_loops(RELU, per_channel))
 
     @staticmethod
     def initial_state(in_channels: int, *, grid_size: int = 5, spline_order: int = 3,

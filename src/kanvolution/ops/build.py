@@ -75,8 +75,8 @@ class Extension:
     native: bool = False
 
 
-BSPLINE = Extension(SOURCE, _NAMESPACE, _NAMESPACE, ("expand", "grad_input"), "the compiled CPU kernels",
-                    "the portable PyTorch implementation")
+BSPLINE = Extension(SOURCE, _NAMESPACE, _NAMESPACE, ("expand", "grad_input", "family_expand", "family_grad"),
+                    "the compiled CPU kernels", "the portable PyTorch implementation")
 
 
 def build_flags(native: bool = False) -> tuple[list[str], list[str]]:

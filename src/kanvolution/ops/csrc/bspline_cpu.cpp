@@ -8,9 +8,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
+
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -219,6 +225,283 @@ void grad_input(const at::Tensor& grad_e, const at::Tensor& x, const at::Tensor&
   });
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// The other basis families (kanvolution/bases): one pass per value, every function of the value in
+// registers, rows written contiguously. `z` is the family's input: tanh(x) for the polynomial
+// families (computed by PyTorch's vector code), x itself for the others.
+// ------------------------------------------------------------------------------------------------
+
+enum Family : int64_t { kThreeTerm = 0, kBernstein = 1, kRbf = 2, kWavelet = 3, kFourier = 4, kRelu = 5 };
+
+constexpr int kMaxFunctions = 512;
+
+// The n functions of one value (f) and, when df is given, their derivatives with respect to z.
+// p: the family's constants (three-term: A_k, B_k, C_k per step; fourier: frequencies) or this
+// channel's row (rbf, wavelet: n centres then the width; relu: n starts then the width).
+template <typename T>
+inline void family_values(int64_t kind, const T* p, int64_t n, int64_t option, T z, T* f, T* df) {
+  switch (kind) {
+    case kThreeTerm: {  // P_{k+1} = (A_k z + B_k) P_k - C_k P_{k-1}, P_{-1} = 0, P_0 = 1
+      T prev = T(0), cur = T(1), dprev = T(0), dcur = T(0);
+      f[0] = cur;
+      if (df) df[0] = T(0);
+      for (int64_t k = 0; k + 1 < n; ++k) {
+        const T a = p[3 * k], b = p[3 * k + 1], c = p[3 * k + 2];
+        const T factor = a * z + b;
+        if (df) {
+          const T dnext = a * cur + factor * dcur - c * dprev;
+          dprev = dcur;
+          dcur = dnext;
+          df[k + 1] = dcur;
+        }
+        const T next = factor * cur - c * prev;
+        prev = cur;
+        cur = next;
+        f[k + 1] = cur;
+      }
+      break;
+    }
+    case kBernstein: {
+      // b_k = C(D, k) u^k v^(D - k), u = (1 + z) / 2, v = 1 - u; d b_k / dz = D (b_{k-1,D-1} -
+      // b_{k,D-1}) / 2. p: C(D, 0..D), then C(D - 1, 0..D - 1).
+      const T u = T(0.5) * (T(1) + z), v = T(1) - u;
+      const int64_t D = n - 1;
+      T pu[kMaxFunctions], pv[kMaxFunctions];
+      pu[0] = pv[0] = T(1);
+      for (int64_t k = 1; k <= D; ++k) {
+        pu[k] = pu[k - 1] * u;
+        pv[k] = pv[k - 1] * v;
+      }
+      for (int64_t k = 0; k <= D; ++k) f[k] = p[k] * pu[k] * pv[D - k];
+      if (df) {
+        const T* lower = p + D + 1;
+        const T half_d = T(0.5) * T(D);
+        for (int64_t k = 0; k <= D; ++k) {
+          const T left = k >= 1 ? lower[k - 1] * pu[k - 1] * pv[D - k] : T(0);
+          const T right = k <= D - 1 ? lower[k] * pu[k] * pv[D - 1 - k] : T(0);
+          df[k] = half_d * (left - right);
+        }
+      }
+      break;
+    }
+    case kRbf:
+    case kWavelet: {
+      // rbf: e(u) = exp(-u^2); wavelet: e(u) = exp(-u^2 / 2), f = (1 - u^2) e. With option 1 the
+      // centres are c_0 + g w (as the family defines them), so u_g = u_0 - g and, walking away
+      // from the nearest centre, e(u - 1) = e(u) exp(a (2u - 1)) (a = 1 or 1/2): two exp calls
+      // per value instead of n. Every step moves away from the peak, so values only shrink and
+      // underflow where the exact ones are smaller still.
+      const bool rbf = kind == kRbf;
+      const T inv_w = T(1) / p[n];
+      const T a = rbf ? T(1) : T(0.5);
+      auto put = [&](int64_t g, T u, T e) {
+        if (rbf) {
+          f[g] = e;
+          if (df) df[g] = T(-2) * u * e * inv_w;
+        } else {
+          const T u2 = u * u;
+          f[g] = (T(1) - u2) * e;
+          if (df) df[g] = u * (u2 - T(3)) * e * inv_w;
+        }
+      };
+      if (option == 0) {
+        for (int64_t g = 0; g < n; ++g) {
+          const T u = (z - p[g]) * inv_w;
+          put(g, u, std::exp(-a * u * u));
+        }
+        break;
+      }
+      const T u0 = (z - p[0]) * inv_w;
+      if (!(u0 == u0)) {  // NaN: every function NaN
+        for (int64_t g = 0; g < n; ++g) put(g, u0, u0);
+        break;
+      }
+      const T nearest = std::round(u0);
+      const int64_t c = nearest < T(0) ? 0 : (nearest > T(n - 1) ? n - 1 : static_cast<int64_t>(nearest));
+      // Past -log(smallest normal) the exponentials are below the normal range: 0 (see
+      // flush_subnormals), and so is everything further out, without calling exp.
+      const T cutoff = -std::log(std::numeric_limits<T>::min());
+      const T uc = (z - p[c]) * inv_w;
+      const T arg = a * uc * uc;
+      const T ec = arg < cutoff ? std::exp(-arg) : T(0);
+      const T step = std::exp(T(-2) * a);
+      put(c, uc, ec);
+      for (int dir = 1; dir >= -1; dir -= 2) {
+        T e = ec, ratio = ec > T(0) ? std::exp(a * (T(2 * dir) * uc - T(1))) : T(0);
+        for (int64_t g = c + dir; g >= 0 && g < n; g += dir) {
+          e = e > std::numeric_limits<T>::min() ? e * ratio : T(0);
+          ratio *= step;
+          put(g, (z - p[g]) * inv_w, e);
+        }
+      }
+      break;
+    }
+    case kFourier: {  // [1 (option & 1)], cos(k_g z) .., sin(k_g z) ..
+      const int64_t first = option & 1;
+      const int64_t G = (n - first) / 2;
+      if (first) {
+        f[0] = T(1);
+        if (df) df[0] = T(0);
+      }
+      // option & 2: the frequencies are 1 .. G, and each (cos, sin) pair is the previous one
+      // turned by the angle z (one sin/cos pair per value instead of G).
+      const T c1 = (option & 2) ? std::cos(z) : T(0), s1 = (option & 2) ? std::sin(z) : T(0);
+      T c = T(1), s = T(0);
+      for (int64_t g = 0; g < G; ++g) {
+        if (option & 2) {
+          const T cn = c * c1 - s * s1;
+          s = s * c1 + c * s1;
+          c = cn;
+        } else {
+          const T kz = z * p[g];
+          c = std::cos(kz);
+          s = std::sin(kz);
+        }
+        f[first + g] = c;
+        f[first + G + g] = s;
+        if (df) {
+          df[first + g] = -p[g] * s;
+          df[first + G + g] = p[g] * c;
+        }
+      }
+      break;
+    }
+    case kRelu: {  // (relu(z - s_i) relu(s_i + width - z))^2 16 / width^4
+      const T width = p[n];
+      const T r = T(16) / (width * width * width * width);
+      for (int64_t i = 0; i < n; ++i) {
+        const T a = z - p[i], b = p[i] + width - z;
+        const T pp = a <= T(0) ? T(0) : a, qq = b <= T(0) ? T(0) : b;  // NaN stays NaN, as torch.relu
+        const T pq = pp * qq;
+        f[i] = pq * pq * r;
+        if (df) df[i] = T(2) * pq * (qq - pp) * r;
+      }
+      break;
+    }
+  }
+}
+
+// Values below the smallest normal number become 0 (below 1.2e-38 in float32, 2.2e-308 in
+// float64). Gaussian tails, Mexican hats and high powers of Bernstein factors reach the subnormal
+// range for inputs a few widths away, and every later operation on subnormals (the convolution
+// over the expansion, its backward) runs many times slower on x86.
+// The flush below fixes the results on every platform; on x86 the loops also run with the
+// flush-to-zero and denormals-are-zero modes on (restored afterwards), since the steps towards a
+// subnormal value are themselves the slow ones.
+template <typename T>
+inline void flush_subnormals(T* v, int64_t n) {
+  for (int64_t g = 0; g < n; ++g) v[g] = std::abs(v[g]) < std::numeric_limits<T>::min() ? T(0) : v[g];
+}
+
+struct FlushDenormals {
+#if defined(__SSE__) || defined(_M_X64)
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+inline bool per_channel(int64_t kind) { return kind == kRbf || kind == kWavelet || kind == kRelu; }
+
+// The constants as T: per channel (C rows of n + 1) or shared.
+template <typename T>
+std::vector<T> family_params(const at::Tensor& params) {
+  const double* p = params.data_ptr<double>();
+  return std::vector<T>(p, p + params.numel());
+}
+
+void check_family(const at::Tensor& z, int64_t kind, const at::Tensor& params, int64_t n, int64_t option) {
+  TORCH_CHECK(z.device().is_cpu() && z.dim() == 2 && z.is_contiguous(), "z must be a contiguous CPU (L, C) tensor");
+  TORCH_CHECK(kind >= kThreeTerm && kind <= kRelu, "unknown family kind ", kind);
+  TORCH_CHECK(n >= 1 && n <= kMaxFunctions, "number of functions out of range: ", n);
+  TORCH_CHECK(params.scalar_type() == at::kDouble && params.is_contiguous() && params.device().is_cpu(),
+              "params must be a contiguous CPU float64 tensor");
+  const int64_t C = z.size(1);
+  int64_t expected = 0;
+  switch (kind) {
+    case kThreeTerm: expected = 3 * (n - 1); break;
+    case kBernstein: expected = 2 * n - 1; break;
+    case kFourier: expected = (n - (option & 1)) / 2; break;
+    default: expected = C * (n + 1);
+  }
+  TORCH_CHECK(params.numel() == expected, "params must hold ", expected, " numbers, got ", params.numel());
+  TORCH_CHECK(kind != kFourier || (option >= 0 && option <= 3 && (n - (option & 1)) % 2 == 0), "bad fourier layout");
+  TORCH_CHECK(!per_channel(kind) || option == 0 || (kind != kRelu && option == 1), "bad option for this family");
+}
+
+void family_expand(const at::Tensor& z, int64_t kind, const at::Tensor& params, int64_t n, int64_t option,
+                   const at::Tensor& act, at::Tensor out) {
+  check_family(z, kind, params, n, option);
+  const int64_t L = z.size(0), C = z.size(1);
+  TORCH_CHECK(act.sizes() == z.sizes() && act.is_contiguous() && act.scalar_type() == z.scalar_type(),
+              "act must be a contiguous tensor like z");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == L && out.size(1) == C && out.size(2) == n + 1 && out.is_contiguous() &&
+              out.scalar_type() == z.scalar_type() && out.device().is_cpu(),
+              "out must be a contiguous (L, C, n + 1) tensor like z");
+  const int64_t stride = per_channel(kind) ? n + 1 : 0;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kanvolution_family_expand", [&] {
+    const std::vector<scalar_t> p = family_params<scalar_t>(params);
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* ap = act.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / (C * (n + 1)));
+    at::parallel_for(0, L, grain, [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
+      for (int64_t i = begin * C; i < end * C; ++i) {
+        scalar_t* row = op + i * (n + 1);
+        row[0] = ap[i];
+        family_values<scalar_t>(kind, p.data() + (i % C) * stride, n, option, zp[i], row + 1, nullptr);
+        flush_subnormals(row + 1, n);
+      }
+    });
+  });
+}
+
+// out = g_base + dz * sum_g grad_e[.., 1 + g] f_g'(z), dz = dz/dx (1 - tanh^2 for the polynomial
+// families; undefined = 1).
+void family_grad(const at::Tensor& grad_e, const at::Tensor& z, const c10::optional<at::Tensor>& dz, int64_t kind,
+                 const at::Tensor& params, int64_t n, int64_t option, const at::Tensor& g_base, at::Tensor out) {
+  check_family(z, kind, params, n, option);
+  const int64_t L = z.size(0), C = z.size(1);
+  TORCH_CHECK(grad_e.dim() == 3 && grad_e.size(0) == L && grad_e.size(1) == C && grad_e.size(2) == n + 1 &&
+              grad_e.scalar_type() == z.scalar_type() && grad_e.device().is_cpu(),
+              "grad_e must be an (L, C, n + 1) CPU tensor like z");
+  for (const at::Tensor* t : {&g_base, static_cast<const at::Tensor*>(&out)})
+    TORCH_CHECK(t->sizes() == z.sizes() && t->is_contiguous() && t->scalar_type() == z.scalar_type() &&
+                t->device().is_cpu(), "g_base and out must be contiguous tensors like z");
+  const bool has_dz = dz.has_value() && dz->defined();
+  if (has_dz)
+    TORCH_CHECK(dz->sizes() == z.sizes() && dz->is_contiguous() && dz->scalar_type() == z.scalar_type(),
+                "dz must be a contiguous tensor like z");
+  const int64_t stride = per_channel(kind) ? n + 1 : 0;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "kanvolution_family_grad", [&] {
+    const std::vector<scalar_t> p = family_params<scalar_t>(params);
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    const scalar_t* dzp = has_dz ? dz->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gb = g_base.data_ptr<scalar_t>();
+    const scalar_t* ge = grad_e.data_ptr<scalar_t>();
+    const int64_t sL = grad_e.stride(0), sC = grad_e.stride(1), sB = grad_e.stride(2);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 8192 / (C * (n + 1)));
+    at::parallel_for(0, L, grain, [&](int64_t begin, int64_t end) {
+      const FlushDenormals ftz;
+      scalar_t f[kMaxFunctions], df[kMaxFunctions];
+      for (int64_t l = begin; l < end; ++l) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = l * C + c;
+          family_values<scalar_t>(kind, p.data() + c * stride, n, option, zp[i], f, df);
+          flush_subnormals(df, n);
+          const scalar_t* row = ge + l * sL + c * sC + sB;
+          scalar_t acc = scalar_t(0);
+          for (int64_t g = 0; g < n; ++g) acc += row[g * sB] * df[g];
+          op[i] = gb[i] + (dzp ? dzp[i] * acc : acc);
+        }
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kanvolution_cpu, m) {
@@ -227,4 +510,9 @@ TORCH_LIBRARY(kanvolution_cpu, m) {
   m.def("grad_input(Tensor grad_e, Tensor x, Tensor t0, Tensor inv_h, Tensor dcoef, int n_knots, int K, "
         "Tensor g_base, Tensor(a!) out) -> ()",
         &grad_input);
+  m.def("family_expand(Tensor z, int kind, Tensor params, int n, int option, Tensor act, Tensor(a!) out) -> ()",
+        &family_expand);
+  m.def("family_grad(Tensor grad_e, Tensor z, Tensor? dz, int kind, Tensor params, int n, int option, "
+        "Tensor g_base, Tensor(a!) out) -> ()",
+        &family_grad);
 }
