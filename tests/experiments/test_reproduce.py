@@ -12,7 +12,9 @@ optuna = pytest.importorskip("optuna")
 
 from kanvolution.cli import main  # noqa: E402
 from kanvolution.experiments.checkpoint import load_checkpoint  # noqa: E402
-from kanvolution.experiments.reproduce import PAPER_GRID, ReproduceConfig, paper_combinations, reproduce  # noqa: E402
+from kanvolution.experiments.reproduce import (  # noqa: E402
+    PAPER_GRID, ReproduceConfig, bases_table, paper_combinations, reproduce,
+)
 
 
 def test_paper_combinations_match_the_papers_draws():
@@ -299,3 +301,11 @@ def test_bases_protocol_table_plot_and_resume(tmp_path, shared_data_dir, capsys)
     assert (out / "bspline" / "seed0" / "results.json").stat().st_mtime_ns == stamp
     assert main(_argv(out, shared_data_dir, "--protocol", "bases", "--bases", "splines")) != 0
     assert "unknown basis families ['splines']" in capsys.readouterr().err
+    # A run still in progress stays out of the means.
+    running = out / "fourier" / "seed1" / "results.json"
+    res = json.loads(running.read_text())
+    running.write_text(json.dumps({**res, "status": "running"}))
+    dirs = [out / family / f"seed{seed}" for seed in (0, 1) for family in ("bspline", "fourier")]
+    cfg = ReproduceConfig(out=str(out), protocol="bases", seeds=(0, 1), epochs=1)
+    rows = [line for line in bases_table(dirs, cfg).splitlines() if line.startswith("| ") and "±" in line]
+    assert rows[0].endswith("| 2 |") and rows[1].startswith("| fourier") and rows[1].endswith("| 1 |")

@@ -134,6 +134,23 @@ def test_resume_checks(tiny, tmp_path):
     assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == before
 
 
+def test_finished_results_without_checkpoint_are_kept(tiny, tmp_path):
+    """A results folder kept without its checkpoints (as in results/) counts as finished for
+    --resume; other options or more epochs refuse to overwrite it."""
+    first = train(tiny(epochs=1), tmp_path, log=None)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    written = (tmp_path / "results.json").read_bytes()
+    again = train(tiny(epochs=1), tmp_path, resume=True, log=None)
+    assert again == first and (tmp_path / "results.json").read_bytes() == written
+    assert not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="lr"):
+        train(tiny(epochs=1, lr=0.5), tmp_path, resume=True, log=None)
+    with pytest.raises(RunExistsError, match="no checkpoint"):
+        train(tiny(epochs=2), tmp_path, resume=True, log=None)
+    assert (tmp_path / "results.json").read_bytes() == written
+
+
 class _NaNAfter(nn.Module):
     """Wraps a model; its output turns NaN after ``good_steps`` training forward passes."""
 

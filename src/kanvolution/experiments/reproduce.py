@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import TrainConfig, model_takes_grid_size
 from .files import RunFolderError, atomic_write, write_json
-from .schema import load_results
+from .schema import FINISHED, load_results
 from .tables import PAPER_SELECTIONS, markdown_table, rows_from_results, seed_table
 from .training import NonFiniteLossError, train
 
@@ -526,7 +526,7 @@ def _bases_rows(run_dirs: Sequence[Path]) -> dict[str, dict[str, list[float]]]:
         if not (Path(d) / "results.json").is_file():
             continue
         res = load_results(d)
-        if not res.get("test_last"):
+        if res.get("status") != FINISHED or not res.get("test_last"):  # only finished runs enter the means
             continue
         row = rows.setdefault(res["config"].get("basis", "bspline"), {"acc": [], "f1": [], "params": [], "min": []})
         row["acc"].append(100 * res["test_last"]["accuracy"])

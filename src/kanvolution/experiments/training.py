@@ -376,7 +376,7 @@ def _claim_folder(
         return None, None
     checkpoint, note = load_checkpoint_for_resume(out)
     if checkpoint is None:
-        return None, None
+        return None, _finished_without_checkpoint(config, out)
     if note:
         emit(note)
     check_resume(checkpoint["config"], config, checkpoint["epoch"])
@@ -390,6 +390,26 @@ def _claim_folder(
         if results.get("status") == FINISHED:
             return checkpoint, results
     return checkpoint, None
+
+
+def _finished_without_checkpoint(config: TrainConfig, out: Path) -> dict[str, Any] | None:
+    """The results of a finished run whose folder kept ``results.json`` but no checkpoint (a
+    results folder copied or committed without its weights): returned as they are when they are a
+    run of ``config``. A finished run of other options is never overwritten; an unfinished one
+    (no checkpoint yet) starts over."""
+    if not (out / RESULTS_FILE).exists():
+        return None
+    results = load_results(out)
+    if results.get("status") != FINISHED:
+        return None
+    stored = results.get("config", {})
+    check_resume(stored, config, results.get("epochs_completed", 0))
+    if stored.get("epochs") != config.epochs:
+        raise RunExistsError(
+            f"{out} holds a finished run of {stored.get('epochs')} epochs and no checkpoint to continue it"
+            f" to {config.epochs}; --restart starts it over, or choose another output folder"
+        )
+    return results
 
 
 def _train(
