@@ -26,7 +26,7 @@ them the op derives what it runs; a family can override each with a faster versi
   ``False`` (nothing written) for inputs they do not handle; the op's CPU kernel tries them first.
 
 B-splines override all of them (local closed-form pieces and compiled loops); the other families
-use the derived forms.
+use the derived portable forms and compiled loops of their own (:mod:`kanvolution.ops.families`).
 """
 from __future__ import annotations
 

@@ -50,39 +50,35 @@ def compiled_loops(kind: int, params: Params, *, tanh: bool = False) -> "dict[st
             ``tanh(x)`` and the input gradient the chain factor ``1 - tanh(x)^2``.
     """
 
-    def prepare(x: Tensor, state: Tensor, option: int) -> "Optional[tuple[Tensor, Tensor, int, int]]":
+    def prepare(x: Tensor, state: Tensor, option: int, *others: Tensor) -> "Optional[tuple[Tensor, Tensor, int, int]]":
+        """``(z (L, C), float64 constants, n, loop option)``, or ``None`` where the loops do not apply."""
+        if not _usable(x, *others):
+            return None
         found = params(state, option, x)
         if found is None or not 1 <= found[1] <= _MAX_FUNCTIONS:
             return None
         constants, n, loop_option = found
-        c = x.shape[-1]
-        z = x.reshape(-1, c)
+        z = x.reshape(-1, x.shape[-1])
         z = torch.tanh(z) if tanh else z.contiguous()
         return z, constants.to(dtype=torch.float64, device="cpu").contiguous(), n, loop_option
 
     def cpu_fill(x: Tensor, state: Tensor, option: int, act: Tensor, out: Tensor) -> bool:
-        if not _usable(x, act, out):
-            return False
-        prepared = prepare(x, state, option)
+        prepared = prepare(x, state, option, act, out)
         if prepared is None:
             return False
         z, constants, n, loop_option = prepared
-        c = x.shape[-1]
-        build.load().family_expand(z, kind, constants, n, loop_option, act.reshape(-1, c).contiguous(),
-                                   out.view(-1, c, n + 1))
+        build.load().family_expand(z, kind, constants, n, loop_option, act.reshape(z.shape).contiguous(),
+                                   out.view(*z.shape, n + 1))
         return True
 
     def cpu_input_grad(x: Tensor, state: Tensor, option: int, grad_e: Tensor, g_base: Tensor, out: Tensor) -> bool:
-        if not _usable(x, grad_e, g_base, out):
-            return False
-        prepared = prepare(x, state, option)
+        prepared = prepare(x, state, option, grad_e, g_base, out)
         if prepared is None:
             return False
         z, constants, n, loop_option = prepared
-        c = x.shape[-1]
         dz = (1.0 - z * z) if tanh else None
-        build.load().family_grad(grad_e.reshape(-1, c, grad_e.shape[-1]), z, dz, kind, constants, n, loop_option,
-                                 g_base.reshape(-1, c).contiguous(), out.view(-1, c))
+        build.load().family_grad(grad_e.reshape(*z.shape, grad_e.shape[-1]), z, dz, kind, constants, n, loop_option,
+                                 g_base.reshape(z.shape).contiguous(), out.view(z.shape))
         return True
 
     return {"cpu_fill": cpu_fill, "cpu_input_grad": cpu_input_grad}
