@@ -321,14 +321,18 @@ inline void family_values(int64_t kind, const T* p, int64_t n, int64_t option, T
       const int64_t c = nearest < T(0) ? 0 : (nearest > T(n - 1) ? n - 1 : static_cast<int64_t>(nearest));
       // Past -log(smallest normal) the exponentials are below the normal range: 0 (see
       // flush_subnormals), and so is everything further out, without calling exp.
-      const T cutoff = -std::log(std::numeric_limits<T>::min());
+      static const T cutoff = -std::log(std::numeric_limits<T>::min());
+      static const T steps[2] = {std::exp(T(-1)), std::exp(T(-2))};  // exp(-2a): wavelet, rbf
+      const T step = steps[rbf];
       const T uc = (z - p[c]) * inv_w;
       const T arg = a * uc * uc;
       const T ec = arg < cutoff ? std::exp(-arg) : T(0);
-      const T step = std::exp(T(-2) * a);
       put(c, uc, ec);
+      // exp(a (2 uc - 1)) exp(a (-2 uc - 1)) = exp(-2a): the second ratio from the first. While
+      // ec > 0, |uc| is below sqrt(cutoff / a), so the first ratio is far from under- or overflow.
+      const T up = ec > T(0) ? std::exp(a * (T(2) * uc - T(1))) : T(0);
       for (int dir = 1; dir >= -1; dir -= 2) {
-        T e = ec, ratio = ec > T(0) ? std::exp(a * (T(2 * dir) * uc - T(1))) : T(0);
+        T e = ec, ratio = ec > T(0) ? (dir > 0 ? up : step / up) : T(0);
         for (int64_t g = c + dir; g >= 0 && g < n; g += dir) {
           e = e > std::numeric_limits<T>::min() ? e * ratio : T(0);
           ratio *= step;
