@@ -52,7 +52,10 @@ def test_bases_benchmark_covers_every_family_at_matched_size(capsys):
     for name, row in rows.items():
         assert abs(row["params"] / bspline - 1) <= 0.1, name
         assert row["step_ms"] > 0 and row["step_vs_cnn"] > 0 and row["layer_ms"] > 0
+        assert row["layer_portable_ms"] > 0 and row["compiled_speedup"] == row["layer_portable_ms"] / row["layer_ms"]
     assert rows["bspline"]["layer_vs_bspline"] == 1.0
+    from kanvolution.ops import build
+    assert build._override is None  # the portable runs put the switch back
     _print_report({"environment": {"device": "cpu", "threads": 1, "torch": torch.__version__}, "bases": report,
                    "checks": {}})
     assert "| wavelet | 9,935 |" in capsys.readouterr().out

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import build
+
 __all__ = ["add_arguments", "run", "time_interleaved", "make_train_step", "train_step_benchmark", "compile_benchmark",
            "layer_benchmark", "layer_peak_memory", "epoch_benchmark", "bases_benchmark"]
 
@@ -262,12 +264,27 @@ def bases_benchmark(batch: int = 128, repeats: int = 10, layer_repeats: int = 5,
     x = torch.randn(layer_shape, device=device, requires_grad=True)
     c = layer_shape[1]
     layers = {name: KANConv2d(c, c, 3, padding=1, **options).to(device) for name, options in MATCHED_BASES.items()}
-    fns = {name: (lambda m: lambda: m(x).sum().backward())(layer) for name, layer in layers.items()}
+
+    def run(layer, compiled: bool):
+        def fn():
+            build.set_enabled(None if compiled else False)
+            try:
+                layer(x).sum().backward()
+            finally:
+                build.set_enabled(None)
+        return fn
+
+    fns = {name: run(layer, True) for name, layer in layers.items()}
+    if device.type == "cpu":  # the same layers without the compiled CPU loops, for their speed-up
+        fns.update({f"{name} (portable)": run(layer, False) for name, layer in layers.items()})
     layer_med = {k: statistics.median(v) for k, v in time_interleaved(fns, layer_repeats, device).items()}
     rows = {}
     for name in MATCHED_BASES:
         rows[name] = {"params": params[name], "step_ms": step_med[name] * 1e3, "step_vs_cnn": step_med[name] / cnn,
                       "layer_ms": layer_med[name] * 1e3, "layer_vs_bspline": layer_med[name] / layer_med["bspline"]}
+        if f"{name} (portable)" in layer_med:
+            rows[name]["layer_portable_ms"] = layer_med[f"{name} (portable)"] * 1e3
+            rows[name]["compiled_speedup"] = layer_med[f"{name} (portable)"] / layer_med[name]
         if memory and tuple(layer_shape) == (16, 64, 32, 32) and (device.type == "cuda" or Path("/proc/self/clear_refs").exists()):
             rows[name]["layer_peak_mib"] = _peak_bytes("fused", device, MATCHED_BASES[name]) / 2**20
     return {"batch": batch, "cnn_step_ms": cnn * 1e3, "cnn_params": params["CNN (Medium)"], "families": rows}
@@ -330,12 +347,14 @@ def _print_report(report: dict) -> None:
         print(f"\nBasis families at matched size: KANC MLP (Medium) training step (batch {s['batch']}; CNN (Medium)"
               f" {s['cnn_step_ms']:.2f} ms) and KANConv2d(64, 64, 3, padding=1) forward+backward on"
               " (16, 64, 32, 32), median")
-        print("| basis | params | ms / step | x CNN | layer ms | x bspline | layer peak MiB |\n"
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("| basis | params | ms / step | x CNN | layer ms | x bspline | layer ms without the compiled loops"
+              " | speed-up | layer peak MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, r in s["families"].items():
             mib = f"{r['layer_peak_mib']:.1f}" if "layer_peak_mib" in r else "-"
+            portable = (f"{r['layer_portable_ms']:.1f} | {r['compiled_speedup']:.2f}" if "compiled_speedup" in r
+                        else "- | -")
             print(f"| {name} | {r['params']:,} | {r['step_ms']:.2f} | {r['step_vs_cnn']:.2f} | {r['layer_ms']:.1f} | "
-                  f"{r['layer_vs_bspline']:.2f} | {mib} |")
+                  f"{r['layer_vs_bspline']:.2f} | {portable} | {mib} |")
     if "epoch" in report:
         s = report["epoch"]
         print(f"\nFashion-MNIST epoch through the trainer ({s['model']}, gs={s['grid_size']}): "
