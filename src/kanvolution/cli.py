@@ -516,6 +516,12 @@ def _add_reproduce_parser(sub: Any) -> None:
         action="store_true",
         help="run search trials only, no final runs (for extra workers on a shared --storage)",
     )
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="with --protocol paper-configs, beyond or bases: write OUT/table.md (and the plot) from the runs"
+        " already in OUT, training nothing (runs not finished count as missing seeds)",
+    )
     _add_data_options(p)
     _add_runtime_options(p)
     p.set_defaults(_handler=_cmd_reproduce)
@@ -528,6 +534,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     models = args.models or list(BEYOND_MODELS if args.protocol == "beyond" else PAPER_MODELS)
     for name in models:
         _check_model(name)
+    if args.table_only and args.protocol not in ("paper-configs", "beyond", "bases"):
+        raise CliError(f"--table-only applies to --protocol paper-configs, beyond and bases, not {args.protocol}")
     if args.trials > 8:
         raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
     from kanvolution.bases import list_bases
@@ -547,6 +555,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         trials=args.trials,
         storage=args.storage,
         search_only=args.search_only,
+        table_only=args.table_only,
         heartbeat=args.heartbeat,
         data_dir=args.data_dir,
         download=args.download,

@@ -301,6 +301,15 @@ def test_bases_protocol_table_plot_and_resume(tmp_path, shared_data_dir, capsys)
     assert (out / "bspline" / "seed0" / "results.json").stat().st_mtime_ns == stamp
     assert main(_argv(out, shared_data_dir, "--protocol", "bases", "--bases", "splines")) != 0
     assert "unknown basis families ['splines']" in capsys.readouterr().err
+    # --table-only rewrites the table from the runs there, training nothing (a missing seed is missing).
+    (out / "table.md").unlink()
+    assert main(_argv(out, shared_data_dir, "--protocol", "bases", "--bases", "bspline", "fourier",
+                      "--seeds", "0", "1", "7", "--epochs", "1", "--table-only")) == 0
+    assert (out / "bspline" / "seed0" / "results.json").stat().st_mtime_ns == stamp
+    assert not (out / "bspline" / "seed7").exists()
+    assert [line for line in (out / "table.md").read_text().splitlines() if "±" in line and line.startswith("| ")] == rows
+    assert main(_argv(out, shared_data_dir, "--protocol", "fixed", "--table-only")) != 0
+    assert "--table-only applies to" in capsys.readouterr().err
     # A run still in progress stays out of the means.
     running = out / "fourier" / "seed1" / "results.json"
     res = json.loads(running.read_text())

@@ -122,6 +122,7 @@ class ReproduceConfig:
     trials: int = PAPER_COMBINATIONS  # how many of the paper's combinations the search runs
     storage: str | None = None  # Optuna storage URL; None = sqlite:///OUT/study.db
     search_only: bool = False  # run the search trials but not the final trainings (extra workers)
+    table_only: bool = False  # seeded protocols: write the table from the runs in `out`, train nothing
     data_dir: str | None = None
     download: bool = True
     max_train_samples: int | None = None  # subsample for quick runs and tests
@@ -342,6 +343,8 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[
     """
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {cfg.protocol!r}")
+    if cfg.table_only and cfg.protocol not in ("paper-configs", "beyond", "bases"):
+        raise ValueError(f"table_only applies to the paper-configs, beyond and bases protocols, not {cfg.protocol!r}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.protocol == "paper-configs":
@@ -440,6 +443,14 @@ def _reproduce_beyond(cfg: ReproduceConfig, out: Path, log: Callable[[str], None
     return _run_seeds(cfg, out, log, {(model, None): recipe for model in cfg.models}, beyond_table)
 
 
+def _train_run(config: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> None:
+    """Train (or resume, or find finished) one run of a seeded protocol; a run that diverges is logged."""
+    try:
+        train(config, run_dir, resume=True, log=lambda line: log(f"  {line}"))
+    except NonFiniteLossError as err:
+        log(f"  {err}")
+
+
 def _run_seeds(
     cfg: ReproduceConfig,
     out: Path,
@@ -459,11 +470,9 @@ def _run_seeds(
             config = cfg.train_config(model, grid_size, seed=seed, **opts)
             described = ", ".join(f"{key.replace('_', ' ')} {value:g}" if isinstance(value, float) else
                                   f"{key.replace('_', ' ')} {value}" for key, value in opts.items())
-            log(f"{tag} seed {seed}: {described} -> {run_dir}")
-            try:
-                train(config, run_dir, resume=True, log=lambda line: log(f"  {line}"))
-            except NonFiniteLossError as err:
-                log(f"  {err}")
+            if not cfg.table_only:
+                log(f"{tag} seed {seed}: {described} -> {run_dir}")
+                _train_run(config, run_dir, log)
             summary["runs"].setdefault(tag, {"model": model, "grid_size": grid_size, "runs": []})["runs"].append(
                 str(run_dir))
             finals.append(run_dir)
@@ -503,11 +512,9 @@ def _reproduce_bases(cfg: ReproduceConfig, out: Path, log: Callable[[str], None]
             config = cfg.train_config(BASES_MODEL, options.get("grid_size", 10), seed=seed, epochs=cfg.epochs,
                                       basis=options.get("basis", "bspline"), degree=options.get("degree"),
                                       **FIXED_HPARAMS)
-            log(f"{family} seed {seed} -> {run_dir}")
-            try:
-                train(config, run_dir, resume=True, log=lambda line: log(f"  {line}"))
-            except NonFiniteLossError as err:
-                log(f"  {err}")
+            if not cfg.table_only:
+                log(f"{family} seed {seed} -> {run_dir}")
+                _train_run(config, run_dir, log)
             summary["runs"].setdefault(family, []).append(str(run_dir))
             finals.append(run_dir)
             write_json(out / "reproduce.json", summary)
