@@ -528,13 +528,15 @@ def _add_reproduce_parser(sub: Any) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from kanvolution.experiments.reproduce import BEYOND_MODELS, PAPER_MODELS, ReproduceConfig, reproduce
+    from kanvolution.experiments.reproduce import (
+        BEYOND_MODELS, PAPER_MODELS, SEEDED_PROTOCOLS, ReproduceConfig, reproduce,
+    )
 
     _check_dataset(args.dataset)
     models = args.models or list(BEYOND_MODELS if args.protocol == "beyond" else PAPER_MODELS)
     for name in models:
         _check_model(name)
-    if args.table_only and args.protocol not in ("paper-configs", "beyond", "bases"):
+    if args.table_only and args.protocol not in SEEDED_PROTOCOLS:
         raise CliError(f"--table-only applies to --protocol paper-configs, beyond and bases, not {args.protocol}")
     if args.trials > 8:
         raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
