@@ -522,6 +522,12 @@ def _add_reproduce_parser(sub: Any) -> None:
         help="with --protocol paper-configs, beyond or bases: write OUT/table.md (and the plot) from the runs"
         " already in OUT, training nothing (runs not finished count as missing seeds)",
     )
+    p.add_argument(
+        "--zoo",
+        metavar="DIR",
+        help="with --protocol beyond: also put the runs of the paper's zoo found in DIR (e.g. the OUT of"
+        " --protocol paper-configs) on OUT/accuracy_vs_params.png",
+    )
     _add_data_options(p)
     _add_runtime_options(p)
     p.set_defaults(_handler=_cmd_reproduce)
@@ -538,6 +544,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         _check_model(name)
     if args.table_only and args.protocol not in SEEDED_PROTOCOLS:
         raise CliError(f"--table-only applies to --protocol paper-configs, beyond and bases, not {args.protocol}")
+    if args.zoo is not None and args.protocol != "beyond":
+        raise CliError(f"--zoo applies to --protocol beyond, not {args.protocol}")
+    if args.zoo is not None and not Path(args.zoo).is_dir():
+        raise CliError(f"--zoo must be a folder of runs, got {args.zoo!r}")
     if args.trials > 8:
         raise CliError(f"the paper draws 8 combinations; --trials must be at most 8, got {args.trials}")
     from kanvolution.bases import list_bases
@@ -558,6 +568,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         storage=args.storage,
         search_only=args.search_only,
         table_only=args.table_only,
+        zoo=args.zoo,
         heartbeat=args.heartbeat,
         data_dir=args.data_dir,
         download=args.download,

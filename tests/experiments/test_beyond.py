@@ -264,6 +264,7 @@ def test_beyond_protocol_runs_seeds_skips_finished_runs_and_writes_a_table(tmp_p
     table = (tmp_path / "table.md").read_text()
     assert "Validation-selected epoch" in table and "Last epoch" in table
     assert "| KANC MLP (Small) (gs = 10) | 2 |" in table
+    assert (tmp_path / "accuracy_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A rerun trains nothing.
     before = (tmp_path / "cnn_small" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     reproduce(cfg, log=lambda line: None)
@@ -318,3 +319,28 @@ def test_grid_updates_need_kan_layers(recipe, tmp_path):
         train(recipe(model="cnn_small", grid_update_epochs=1), tmp_path, log=None)
     with pytest.raises(ConfigError, match="grid_update_epochs"):
         recipe(grid_update_epochs=-1).validate()
+
+
+def test_accuracy_vs_params_plot_groups_finished_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kanvolution.experiments import reproduce as R
+
+    def run(folder, model, params, accuracy, status="finished"):
+        folder.mkdir(parents=True)
+        block = {"accuracy": accuracy, "precision": accuracy, "recall": accuracy, "f1": accuracy, "epoch": 3}
+        (folder / "results.json").write_text(json.dumps({
+            "model": model, "name": model, "dataset": "fashion-mnist", "params": params, "status": status,
+            "history": [], "test_val_selected": block, "test_last": block, "test": block}))
+        return folder
+
+    runs = [run(tmp_path / "a" / f"seed{s}", "kan_small_net", 96994, 0.9 + s / 100) for s in range(2)]
+    runs.append(run(tmp_path / "a" / "seed9", "kan_small_net", 96994, 0.1, status="failed"))
+    zoo = [run(tmp_path / "zoo" / "seed0", "cnn_medium", 3020, 0.89)]
+    points = R.plot_accuracy_vs_params(runs, tmp_path / "p.png", "fashion-mnist", zoo)
+    assert list(points) == ["kan_small_net"]  # the zoo is drawn beside, not returned
+    params, accuracies = points["kan_small_net"]
+    assert params == 96994 and accuracies == pytest.approx([90.0, 91.0])  # the failed run left out
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    # Only a failed run: nothing finished, no figure.
+    assert R.plot_accuracy_vs_params(runs[2:], tmp_path / "q.png", "fashion-mnist") is None
+    assert not (tmp_path / "q.png").exists()

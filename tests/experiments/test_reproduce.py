@@ -85,6 +85,11 @@ def test_reproduce_paper_protocol_and_resume(tmp_path, shared_data_dir, capsys):
     assert "Best test epoch (the paper's selection)" in table and "validation split (clean)" in table
     assert table.count("| CNN (Small) |") == 2 and "87.10%" in table
     assert "| CNN (Small) |" in printed
+    # The search: every combination's best validation accuracy, our winner, the paper's (its logs).
+    search = table.split("## The search")[1]
+    row = next(line for line in search.splitlines() if line.startswith("| cnn_small |"))
+    assert f"{100 * winner['val_accuracy']:.2f}%" in row and "e1)" in row
+    assert row.endswith("| lr0.001_wd0_bs32, 20 epochs: 86.53% |")
 
     # Running again resumes: no new trial, no new training.
     final_mtime = (final_dir / "checkpoint.pt").stat().st_mtime_ns

@@ -20,7 +20,7 @@ import numpy as np
 from .config import TrainConfig, model_takes_grid_size
 from .files import RunFolderError, atomic_write, write_json
 from .schema import FINISHED, load_results
-from .tables import PAPER_SELECTIONS, markdown_table, rows_from_results, seed_table
+from .tables import PAPER_RESULTS, PAPER_SELECTIONS, markdown_table, rows_from_results, seed_table
 from .training import NonFiniteLossError, train
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "PAPER_MODELS",
     "ReproduceConfig",
     "paper_combinations",
+    "plot_accuracy_vs_params",
     "bases_table",
     "reproduce",
     "run_search",
@@ -125,6 +126,7 @@ class ReproduceConfig:
     storage: str | None = None  # Optuna storage URL; None = sqlite:///OUT/study.db
     search_only: bool = False  # run the search trials but not the final trainings (extra workers)
     table_only: bool = False  # seeded protocols: write the table from the runs in `out`, train nothing
+    zoo: str | None = None  # "beyond": a folder of runs of the paper's zoo to plot beside its models
     data_dir: str | None = None
     download: bool = True
     max_train_samples: int | None = None  # subsample for quick runs and tests
@@ -404,7 +406,7 @@ def reproduce(cfg: ReproduceConfig, log: Callable[[str], None] = print) -> dict[
             finals.append(final_dir)
     write_json(out / "reproduce.json", summary)
     if finals:
-        table = reproduction_table(finals, cfg)
+        table = reproduction_table(finals, cfg, summary["runs"])
         atomic_write(out / "table.md", lambda f: f.write(table), mode="w")
         log("")
         log(table)
@@ -442,7 +444,11 @@ def _reproduce_beyond(cfg: ReproduceConfig, out: Path, log: Callable[[str], None
     """One run per (model, seed) with :data:`BEYOND_RECIPE` for ``cfg.epochs`` epochs (horizontal
     flips on Fashion-MNIST only), seed-major; finished runs are skipped on a rerun."""
     recipe = {**BEYOND_RECIPE, "epochs": cfg.epochs, "hflip": cfg.dataset == "fashion-mnist"}
-    return _run_seeds(cfg, out, log, {(model, None): recipe for model in cfg.models}, beyond_table)
+    summary = _run_seeds(cfg, out, log, {(model, None): recipe for model in cfg.models}, beyond_table)
+    runs = [Path(d) for entry in summary["runs"].values() for d in entry["runs"]]
+    zoo = sorted(Path(cfg.zoo).rglob("results.json")) if cfg.zoo else []
+    plot_accuracy_vs_params(runs, out / "accuracy_vs_params.png", cfg.dataset, [f.parent for f in zoo])
+    return summary
 
 
 def _train_run(config: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> None:
@@ -631,6 +637,65 @@ def beyond_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
                                          ("last", "Last epoch (no selection)")))
 
 
+def plot_accuracy_vs_params(
+    run_dirs: Sequence[Path], path: Path, dataset: str, zoo_dirs: Sequence[Path] = ()
+) -> dict[str, tuple[int, list[float]]] | None:
+    """Test accuracy against parameter count: the finished runs of ``run_dirs`` (mean ± sample std
+    over seeds at the validation-selected epoch, else the last), beside the paper's published table
+    (Fashion-MNIST only) and, from ``zoo_dirs``, our runs of the paper's zoo (mean over seeds at the
+    best test epoch, the paper's selection).
+
+    Returns:
+        The points of ``run_dirs`` (per model name: parameters, accuracies in percent), or ``None``
+        when no figure was written (nothing finished, or matplotlib missing: it is optional).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+
+    def grouped(dirs: Sequence[Path], selections: Sequence[str]) -> dict[str, tuple[int, list[float]]]:
+        files = [Path(d) / "results.json" for d in dirs if (Path(d) / "results.json").is_file()]
+        groups: dict[str, tuple[int, list[float]]] = {}
+        for selection in selections:
+            rows, _ = rows_from_results(files, selection)  # type: ignore[arg-type]
+            for row in rows:
+                if row.status != FINISHED or row.dataset != dataset:
+                    continue
+                groups.setdefault(row.name, (row.params, []))[1].append(100 * row.accuracy)
+            if groups:
+                return groups
+        return groups
+
+    ours = grouped(run_dirs, ("val", "last"))
+    if not ours:
+        return None
+    fig = Figure(figsize=(7.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if dataset == "fashion-mnist":
+        ax.scatter([r.params for r in PAPER_RESULTS], [r.accuracy for r in PAPER_RESULTS], marker="x",
+                   color="0.5", label="the paper's table (one seed, best test epoch)")
+    zoo = grouped(zoo_dirs, ("paper",)) if zoo_dirs else {}
+    if zoo:
+        ax.scatter([p for p, _ in zoo.values()], [float(np.mean(a)) for _, a in zoo.values()], marker="+",
+                   color="tab:green", label="the paper's zoo here (mean of seeds, best test epoch)")
+    for index, (name, (params, accs)) in enumerate(sorted(ours.items())):
+        mean, std = _mean_std(accs)
+        ax.errorbar([params], [mean], yerr=[std], fmt="o", capsize=4, color=f"C{index}",
+                    label=f"{name} (n = {len(accs)}, validation-selected)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{dataset}: accuracy against parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return ours
+
+
 def _seed_sections(parts: list[str], files: Sequence[Path], selections: Sequence[tuple[str, str]]) -> str:
     """``parts`` (a title and an intro) followed by one mean ± std table per ``(selection, title)``."""
     for selection, title in selections:
@@ -638,8 +703,38 @@ def _seed_sections(parts: list[str], files: Sequence[Path], selections: Sequence
     return "\n".join(parts)
 
 
-def reproduction_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
-    """Markdown: our numbers beside the paper's, once per epoch selection, with how each was made."""
+def search_table(out: Path, runs: dict[str, dict[str, Any]], cfg: ReproduceConfig) -> str:
+    """Markdown: per searched row, the best validation accuracy (and its epoch) of every combination,
+    the winner, and what the paper's logs say its search chose."""
+    combos = paper_combinations(cfg.trials)
+    header = ["Model", *(f"{i + 1}: {_combo_tag(c)}" for i, c in enumerate(combos)), "our winner",
+              "the paper's winner (its logs)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for tag, entry in runs.items():
+        winner = entry.get("winner")
+        if not winner:
+            continue
+        cells = [tag]
+        for combo in combos:
+            run_dir = out / tag / "search" / _combo_tag(combo)
+            val = []
+            if (run_dir / "results.json").is_file():
+                val = [h["val_accuracy"] for h in load_results(run_dir)["history"] if "val_accuracy" in h]
+            best = int(np.argmax(val)) if val else None
+            cells.append("–" if best is None else f"{100 * val[best]:.2f}% (e{best + 1})")
+        cells.append(f"{_combo_tag(winner)}, {winner['epochs']} epochs: {100 * winner['val_accuracy']:.2f}%")
+        sel = PAPER_SELECTIONS.get((entry["model"], entry["grid_size"]))
+        cells.append("–" if sel is None else
+                     f"{_combo_tag(vars(sel))}, {sel.epochs} epochs: {sel.val_accuracy:.2f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reproduction_table(
+    run_dirs: Sequence[Path], cfg: ReproduceConfig, runs: dict[str, dict[str, Any]] | None = None
+) -> str:
+    """Markdown: our numbers beside the paper's, once per epoch selection, with how each was made;
+    with the paper protocol's ``runs`` (the summary's per-row winners), the search as well."""
     files = [Path(d) / "results.json" for d in run_dirs if (Path(d) / "results.json").is_file()]
     if cfg.protocol == "paper":
         intro = (
@@ -684,4 +779,14 @@ def reproduction_table(run_dirs: Sequence[Path], cfg: ReproduceConfig) -> str:
             "",
         ]
         parts.append(markdown_table(rows, compare_paper=cfg.dataset == "fashion-mnist"))
+    if cfg.protocol == "paper" and runs:
+        parts += [
+            "## The search",
+            "",
+            "Per combination (in the paper's order): the best accuracy on the 20% validation split and the"
+            " epoch that reached it; the winner is the best (combination, epoch count), the first in this"
+            " order on ties. Beside it, what the paper's own search chose (its logs).",
+            "",
+            search_table(Path(cfg.out), runs, cfg),
+        ]
     return "\n".join(parts)
