@@ -108,7 +108,7 @@ def forward(x, state, weight, basis, option, activation, stride, dilation, group
     from .kan import _canonical, _memory_format
 
     conv = _conv(x, state, weight, option, stride, dilation, groups)
-    return _canonical(conv.forward(conv.pack(weight)), _memory_format(len(stride), channels_last))
+    return _canonical(conv.forward(conv.prepare(weight, derivative=False)), _memory_format(len(stride), channels_last))
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
@@ -118,13 +118,14 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
         return None
     need_x, need_w = output_mask
     conv = _conv(x, state, weight, option, stride, dilation, groups)
+    prepared = conv.prepare(weight, forward=False, derivative=need_x) if need_x or conv.narrow else None
+    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w)
     grad_x = x.new_empty(0)
     if need_x:
-        grad_x = conv.grad_input(grad_out, conv.pack(weight), conv.x.shape).movedim(1, -1)
-        grad_x = grad_x.reshape(x.shape).contiguous()
+        grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
     grad_w = weight.new_empty(0)
     if need_w:
-        grad_w = conv.grad_weight(grad_out)
+        grad_w = gw
         if grad_w.stride() != weight.stride():  # the fake kernel promises empty_like(weight)
             grad_w = torch.empty_like(weight).copy_(grad_w)
     return grad_x, grad_w
