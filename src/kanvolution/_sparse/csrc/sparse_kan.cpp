@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -85,12 +86,13 @@ struct Local {
           const T f = uu - static_cast<T>(m);
           const T sig = T(1) / (T(1) + std::exp(-xv));
           T* v = vals.data() + l * V;
-          v[0] = xv * sig;
+          // +-inf: NaN, as the dense path's bases of an infinite value are NaN.
+          v[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : xv * sig;
           for (int r = 0; r <= K; ++r) v[1 + r] = inside ? horner(coef + r * (K + 1), K + 1, f) : T(0);
           row[l] = 1 + m;
           if (derivative) {
             T* dv = dvals.data() + l * V;
-            dv[0] = sig * (T(1) + xv * (T(1) - sig));
+            dv[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : sig * (T(1) + xv * (T(1) - sig));
             for (int r = 0; r <= K; ++r) dv[1 + r] = inside ? horner(dcoef + r * K, K, f) * s : T(0);
           }
         }
@@ -601,7 +603,7 @@ void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, c
             for (int64_t w = 0; w < g.W; ++w) {
               const int64_t i = base + (d * g.H + h) * g.W + w;
               const SpanPos<T> sp(x[i], a0, s, ng.n_spans);
-              const T sv = sx[i];
+              const T sv = std::isinf(x[i]) ? std::numeric_limits<T>::quiet_NaN() : sx[i];  // as the wide kernels
               const T* Pm = Pc + sp.m * span_stride;
               const bool finite = std::isfinite(sv);
               if (ng.fast && finite) {  // evaluate each kernel row's lanes straight into its output block
@@ -725,7 +727,9 @@ void narrow_backward_impl(const T* go, const T* x, const T* sx, const T* dsx, co
               for (int64_t w = 0; w < g.W; ++w) {
                 const int64_t i = base + (d * g.H + h) * g.W + w;
                 const SpanPos<T> sp(x[i], a0, s, ng.n_spans);
-                const T sv = sx[i], dv = gx ? dsx[i] : T(0);
+                const bool inf = std::isinf(x[i]);  // NaN terms, as the wide kernels
+                const T sv = inf ? std::numeric_limits<T>::quiet_NaN() : sx[i];
+                const T dv = gx ? (inf ? std::numeric_limits<T>::quiet_NaN() : dsx[i]) : T(0);
                 if (ng.fast && std::isfinite(sv) && std::isfinite(dv)) {
                   // Each kernel row's output gradients straight from the padded copy, vector by vector.
                   T bv[kMaxOrder + 1];
