@@ -5,6 +5,15 @@ combined weight (``G + K + 1`` multiply-adds per kernel tap and output channel).
 reduce each input value to ``[silu(x), b_0(f), .., b_K(f)]`` and its knot span ``m`` and add
 ``K + 2`` weight rows per tap, whatever the grid size (``csrc/sparse_kan.cpp``).
 
+Two sets of kernels compute the same thing (:func:`default_kernel` picks one by the layer's width):
+
+- ``"wide"``: vectorised over output channels (64-byte vectors of a tap's output channels);
+- ``"narrow"``: for layers with few output channels per group, vectorised over the kernel taps
+  and output channels of one input value: the weight becomes per-span tables in power form
+  (``K + 1`` coefficients of the position in the span per phi, :class:`_Narrow`), each value
+  evaluates all of its phi by Horner's rule and adds whole kernel rows of channel-last outputs;
+  both gradients in one pass.
+
 Scope: CPU, float32/float64, uniform knots (one spacing per channel, as
 :func:`kanvolution.functional.uniform_knots` makes them), spline order ``1 <= K <= 16``, the SiLU
 base term; 1-d, 2-d and 3-d convolutions (stride, dilation, groups; the input already padded) and
