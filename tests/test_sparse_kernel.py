@@ -452,3 +452,21 @@ def test_one_build_mechanism_for_both_extensions(monkeypatch, tmp_path, capsys):
     assert seen["name"].startswith("kanvolution_sparse_torch") and seen["name"] != build.extension_name()
     assert seen["extra_cflags"] == build.build_flags(native=True)[0]
     assert (tmp_path / seen["name"]).is_dir() and not (tmp_path / seen["name"] / "kanvolution.pid").exists()
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2)], ids=["fast", "stride", "groups"])
+def test_narrow_kernels_any_output_layout(stride, groups):
+    # The narrow kernels write (N, O, *S) or channel-last outputs and read output gradients of any strides.
+    params, grid = _params(4, 6, (3, 3), groups, 5, 3)
+    weight = KF.combine_weights(*params).detach()
+    x = torch.rand(3, 4, 9, 8, dtype=F64) * 2.4 - 1.2
+    conv = _sparse._Conv(x, *_sparse.knot_params(grid), weight.shape, 3, stride, 1, groups, "narrow")
+    prepared = conv.prepare(weight)
+    last, first = conv.forward(prepared), conv.forward(prepared, channels_last=False)
+    assert first.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first, last)
+    grad_out = torch.randn_like(first)
+    want = conv.backward(grad_out.contiguous(memory_format=torch.channels_last), prepared, x.shape)
+    for got in (conv.backward(grad_out, prepared, x.shape), conv.backward(grad_out.transpose(2, 3).contiguous()
+                                                                           .transpose(2, 3), prepared, x.shape)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -294,20 +294,30 @@ class _Conv:
             self._sx = torch.nn.functional.silu(self.x)
         return self._sx
 
-    def forward(self, prepared) -> Tensor:
+    def forward(self, prepared, channels_last: bool = True) -> Tensor:
+        """``(N, O, *out_spatial)`` with channels-last strides; the narrow kernels also write the
+        contiguous layout directly (``channels_last=False``)."""
         n, o = self.x.shape[0], self.weight_shape[0]
-        out = self.x.new_empty((n, *self.out_sizes, o))
         if self.narrow:
+            if channels_last:
+                out = self.x.new_empty((n, *self.out_sizes, o))
+            else:
+                first = self.x.new_empty((n, o, *self.out_sizes))
+                out = first.permute(0, 2, 3, 4, 1)
             _ops().narrow_forward(self.x, self._silu(), self.t0, self.inv_h, prepared.P, prepared.Wb,
                                   *self.geometry(), out)
+            if not channels_last:
+                return first.reshape((n, o, *self.out_sizes[3 - self.ndim :]))
         else:
+            out = self.x.new_empty((n, *self.out_sizes, o))
             _ops().forward(self.x, *self.args(), prepared, *self.geometry(), out)
         # (N, Do, Ho, Wo, O) -> (N, O, *spatial): channels-last strides, no copy.
         return out.reshape((n, *self.out_sizes[3 - self.ndim :], o)).movedim(-1, 1)
 
     def _grad_out(self, grad_out: Tensor) -> Tensor:
         n, o = grad_out.shape[:2]
-        return grad_out.movedim(1, -1).reshape((n, *self.out_sizes, o)).contiguous()
+        g = grad_out.movedim(1, -1).reshape((n, *self.out_sizes, o))
+        return g if self.narrow else g.contiguous()  # the narrow kernels take any strides
 
     def backward(self, grad_out: Tensor, prepared, shape: torch.Size, need_x: bool = True,
                  need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:

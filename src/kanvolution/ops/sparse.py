@@ -117,7 +117,9 @@ def forward(x, state, weight, basis, option, activation, stride, dilation, group
     from .kan import _canonical, _memory_format
 
     conv = _conv(x, state, weight, option, stride, dilation, groups)
-    return _canonical(conv.forward(conv.prepare(weight, derivative=False)), _memory_format(len(stride), channels_last))
+    fmt = _memory_format(len(stride), channels_last)
+    out = conv.forward(conv.prepare(weight, derivative=False), channels_last=fmt != torch.contiguous_format)
+    return _canonical(out, fmt)
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,

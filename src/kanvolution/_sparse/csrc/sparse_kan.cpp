@@ -540,6 +540,14 @@ struct SpanPos {
   }
 };
 
+// Element strides of an (N, Do, Ho, Wo, O) output or output gradient (any layout: channel-last or
+// the layers' (N, O, *spatial)).
+struct OutStrides {
+  int64_t n, d, h, w, o;
+  explicit OutStrides(const at::Tensor& t) : n(t.stride(0)), d(t.stride(1)), h(t.stride(2)), w(t.stride(3)), o(t.stride(4)) {}
+  int64_t at(int64_t od, int64_t oh, int64_t ow) const { return od * d + oh * h + ow * w; }
+};
+
 template <typename T>
 struct NarrowGeom {
   int64_t n_spans, blocks, Lb, Lp, nv, RS;
@@ -572,7 +580,7 @@ struct NarrowGeom {
 
 template <typename T, int KC>
 void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, const T* P, const T* Wb,
-                         const Geometry& g, int k_rt, int64_t n_knots, int64_t lp, T* out) {
+                         const Geometry& g, int k_rt, int64_t n_knots, int64_t lp, T* out, const OutStrides& st) {
   using Vc = Vec64<T>;
   using vec = typename Vc::type;
   constexpr int LW = Vc::lanes;
@@ -586,11 +594,15 @@ void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, c
     AlignedBuf<T> scratch(ng.fast ? g.Do * g.Ho * ng.RS : 0);
     std::vector<int64_t> boff(ng.blocks), bdst(ng.blocks);
     for (int64_t n = n0; n < n1; ++n) {
-      T* os = out + n * PO * g.O;
-      if (ng.fast)
+      T* os = out + n * st.n;
+      if (ng.fast) {
         std::fill(scratch.data(), scratch.data() + scratch.n, T(0));
-      else
-        std::fill(os, os + PO * g.O, T(0));
+      } else {
+        for (int64_t od = 0; od < g.Do; ++od)
+          for (int64_t oh = 0; oh < g.Ho; ++oh)
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              for (int64_t o = 0; o < g.O; ++o) os[st.at(od, oh, ow) + o * st.o] = T(0);
+      }
       for (int64_t c = 0; c < g.C; ++c) {
         const T a0 = t0[c], s = inv_h[c];
         const T* Pc = P + c * (ng.n_spans + 1) * span_stride;
@@ -651,9 +663,9 @@ void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, c
                   for (int64_t e1 = 0; e1 < g.kw; ++e1) {
                     const int64_t ow = map.ow_of[(g.kw - 1 - e1) * g.W + w];
                     if (ow < 0) continue;
-                    T* op = os + ((od * g.Ho + oh) * g.Wo + ow) * g.O + ocol;
+                    T* op = os + st.at(od, oh, ow) + ocol * st.o;
                     const T* ye = yb + e1 * g.Og;
-                    for (int64_t o = 0; o < g.Og; ++o) op[o] += ye[o];
+                    for (int64_t o = 0; o < g.Og; ++o) op[o * st.o] += ye[o];
                   }
                 }
               }
@@ -663,7 +675,15 @@ void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, c
       }
       if (ng.fast) {
         for (int64_t r = 0; r < g.Do * g.Ho; ++r)
-          std::memcpy(os + r * g.Wo * g.O, scratch.data() + r * ng.RS + (g.kw - 1) * g.O, g.Wo * g.O * sizeof(T));
+          if (st.o == 1 && st.w == g.O) {
+            std::memcpy(os + st.at(r / g.Ho, r % g.Ho, 0), scratch.data() + r * ng.RS + (g.kw - 1) * g.O,
+                        g.Wo * g.O * sizeof(T));
+          } else {  // channel-first: one output channel at a time
+            const T* src = scratch.data() + r * ng.RS + (g.kw - 1) * g.O;
+            T* dst = os + st.at(r / g.Ho, r % g.Ho, 0);
+            for (int64_t o = 0; o < g.O; ++o)
+              for (int64_t ow = 0; ow < g.Wo; ++ow) dst[o * st.o + ow * st.w] = src[ow * g.O + o];
+          }
       }
     }
   });
@@ -676,7 +696,7 @@ void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, c
 template <typename T, int KC>
 void narrow_backward_impl(const T* go, const T* x, const T* sx, const T* dsx, const T* t0, const T* inv_h,
                           const Tables<T>& tab, const T* Dt, const T* Wb, const Geometry& g, int k_rt,
-                          int64_t n_knots, int64_t lp, T* gx, T* gw) {
+                          int64_t n_knots, int64_t lp, T* gx, T* gw, const OutStrides& st) {
   using Vc = Vec64<T>;
   using vec = typename Vc::type;
   using IT = typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type;
@@ -709,10 +729,19 @@ void narrow_backward_impl(const T* go, const T* x, const T* sx, const T* dsx, co
         acc = accs[blk].data();
       }
       for (int64_t n = blk * per_block; n < std::min(g.N, (blk + 1) * per_block); ++n) {
-        const T* gs = go + n * PO * g.O;
+        const T* gs = go + n * st.n;
         if (ng.fast) {
           for (int64_t r = 0; r < g.Do * g.Ho; ++r)
-            std::memcpy(gpad.data() + r * ng.RS + (g.kw - 1) * g.O, gs + r * g.Wo * g.O, g.Wo * g.O * sizeof(T));
+          {
+            T* dst = gpad.data() + r * ng.RS + (g.kw - 1) * g.O;
+            const T* src = gs + st.at(r / g.Ho, r % g.Ho, 0);
+            if (st.o == 1 && st.w == g.O) {
+              std::memcpy(dst, src, g.Wo * g.O * sizeof(T));
+            } else {
+              for (int64_t o = 0; o < g.O; ++o)
+                for (int64_t ow = 0; ow < g.Wo; ++ow) dst[ow * g.O + o] = src[o * st.o + ow * st.w];
+            }
+          }
         }
         for (int64_t c = 0; c < g.C; ++c) {
           const T a0 = t0[c], s = inv_h[c];
@@ -794,8 +823,8 @@ void narrow_backward_impl(const T* go, const T* x, const T* sx, const T* dsx, co
                     for (int64_t e1 = 0; e1 < g.kw; ++e1) {
                       const int64_t ow = map.ow_of[(g.kw - 1 - e1) * g.W + w];
                       if (ow < 0) continue;
-                      const T* src = gs + ((od * g.Ho + oh) * g.Wo + ow) * g.O + ocol;
-                      std::copy(src, src + g.Og, gb + e1 * g.Og);
+                      const T* src = gs + st.at(od, oh, ow) + ocol * st.o;
+                      for (int64_t o = 0; o < g.Og; ++o) gb[e1 * g.Og + o] = src[o * st.o];
                     }
                   }
                 }
@@ -1029,8 +1058,10 @@ void check_table(const at::Tensor& t, const at::Tensor& x, const Geometry& g, in
               " must be (C, n_knots, ", rows, ", Lp), got ", t.sizes());
 }
 
+// Any strides: the narrow kernels address outputs and their gradients through OutStrides.
 void check_out_shaped(const at::Tensor& t, const at::Tensor& x, const Geometry& g, const char* name) {
-  check_cpu(t, x, name, 5);
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.dim() == 5, name,
+              " must be a 5-d CPU tensor of dtype ", x.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
   TORCH_CHECK(t.size(0) == g.N && t.size(1) == g.Do && t.size(2) == g.Ho && t.size(3) == g.Wo && t.size(4) == g.O,
               name, " must be (N, Do, Ho, Wo, O), got ", t.sizes());
 }
@@ -1048,7 +1079,8 @@ void narrow_forward(const at::Tensor& x, const at::Tensor& sx, const at::Tensor&
     dispatch_order(K, [&](auto kc) {
       narrow_forward_impl<scalar_t, decltype(kc)::value>(
           x.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(), t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(),
-          P.data_ptr<scalar_t>(), Wb.data_ptr<scalar_t>(), g, int(K), n_knots, Wb.size(1), out.data_ptr<scalar_t>());
+          P.data_ptr<scalar_t>(), Wb.data_ptr<scalar_t>(), g, int(K), n_knots, Wb.size(1), out.data_ptr<scalar_t>(),
+          OutStrides(out));
     });
   });
 }
@@ -1088,7 +1120,8 @@ void narrow_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
           grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
           need_x ? dsx.data_ptr<scalar_t>() : nullptr, t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
           need_x ? Dt.data_ptr<scalar_t>() : nullptr, Wb.data_ptr<scalar_t>(), g, int(K), n_knots, lp,
-          need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_w ? grad_w.data_ptr<scalar_t>() : nullptr);
+          need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+          OutStrides(grad_out));
     });
   });
 }
