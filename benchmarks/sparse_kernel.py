@@ -1,7 +1,9 @@
 """Forward + backward time and peak memory of ``KANConv2d`` on the dense fused path, on the sparse
-kernels and under the automatic rule (:mod:`kanvolution.ops.sparse`), against ``nn.Conv2d`` of the
-same shape, per layer shape and grid size; and the training step of KANC MLP (Medium) at several
-grid sizes against the CNN (Medium) step.
+kernels (``sparse``: the kernels :func:`kanvolution._sparse.default_kernel` picks, narrow or wide
+by the layer's width; ``wide``: the wide kernels whatever the width) and under the automatic rule
+(:mod:`kanvolution.ops.sparse`), against ``nn.Conv2d`` of the same shape, per layer shape and grid
+size; and the training step of KANC MLP (Medium) at several grid sizes against the CNN (Medium)
+step.
 
 Times: the candidates are run interleaved in one process (warm-up, then ``--reps`` rounds, each
 candidate once per round; the sparse mode is set before each candidate's step), medians and ratios
@@ -42,18 +44,20 @@ SHAPES = [
     ("KANC 5->10", 5, 10, (128, 5, 13, 13)),
 ]
 GRID_SIZES = (10, 20, 50)
-# --sweep: where the rule's two thresholds lie (output width at gs = 10, grid size for narrow layers).
+# --sweep: where the rule's thresholds lie (the output width of the narrow kernels at gs = 10, the
+# grid size from which each kernel beats the dense path).
 SWEEP = [
-    ((16, 8, (16, 16, 32, 32)), (10,)),
-    ((16, 16, (16, 16, 32, 32)), (10,)),
+    ((16, 8, (16, 16, 32, 32)), (5, 10)),
+    ((16, 16, (16, 16, 32, 32)), (5, 10)),
     ((16, 32, (16, 16, 32, 32)), (10,)),
     ((16, 64, (16, 16, 32, 32)), (10,)),
-    ((1, 5, (128, 1, 28, 28)), (30, 40)),
-    ((5, 10, (128, 5, 13, 13)), (30, 40)),
+    ((1, 5, (128, 1, 28, 28)), (3, 5, 7)),
+    ((5, 10, (128, 5, 13, 13)), (3, 5, 7)),
 ]
-# Candidates: nn.Conv2d, then KANConv2d under each sparse mode.
-CANDIDATES = ("conv", "dense", "sparse", "auto")
-MODES = {"dense": "never", "sparse": "always", "auto": "auto"}
+# Candidates: nn.Conv2d, then KANConv2d under each sparse mode ("wide": mode "always" with the
+# wide kernels forced).
+CANDIDATES = ("conv", "dense", "sparse", "wide", "auto")
+MODES = {"dense": "never", "sparse": "always", "wide": "always", "auto": "auto"}
 MODEL_GRID_SIZES = (10, 20)
 MODEL_BATCH = 128
 
@@ -65,10 +69,14 @@ def _with_mode(candidate: str, step):
 
     def run():
         sparse.set_mode(MODES[candidate])
+        limit = _sparse.NARROW_MAX_OUTPUT_BYTES
+        if candidate == "wide":
+            _sparse.NARROW_MAX_OUTPUT_BYTES = 0
         try:
             step()
         finally:
             sparse.set_mode(None)
+            _sparse.NARROW_MAX_OUTPUT_BYTES = limit
 
     return run
 

@@ -47,7 +47,11 @@ def switch():
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts of the op's calls that the compiled loops handled."""
+    """Counts of the op's calls that the compiled loops handled (the dense path: the sparse kernels
+    are off for the test)."""
+    from kanvolution.ops import sparse
+
+    monkeypatch.setattr(sparse, "_override", "never")
     counts = {"expand": 0, "grad_input": 0}
     family = bases.get_basis("bspline")
 

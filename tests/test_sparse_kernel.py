@@ -11,6 +11,7 @@ from kanvolution import functional as KF
 pytestmark = pytest.mark.skipif(not _sparse.available(), reason="the sparse kernels could not be built")
 
 F64 = torch.float64
+KERNELS = _sparse.KERNELS  # every test of the kernels runs on both: "wide" and "narrow"
 
 
 def _params(c_in, c_out, kernel, groups, grid_size, order, dtype=F64):
@@ -27,12 +28,12 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _sparse_layer(x, params, grid, order, ndim, stride=1, padding=0, dilation=1, groups=1):
+def _sparse_layer(x, params, grid, order, ndim, stride=1, padding=0, dilation=1, groups=1, impl=None):
     """The layer of kan_conv{n}d computed with the sparse kernels (padding and weights as the layer does)."""
     kernel = tuple(params[0].shape[2:])
     pad = KF.resolve_padding(padding, kernel, KF._ntuple(dilation, ndim, "dilation"), KF._ntuple(stride, ndim, "s"))
     weight = KF.combine_weights(*params)
-    return _sparse.sparse_kan(KF.pad_input(x, pad, "zeros"), grid, weight, order, stride, dilation, groups)
+    return _sparse.sparse_kan(KF.pad_input(x, pad, "zeros"), grid, weight, order, stride, dilation, groups, impl)
 
 
 CONV_CASES = [
@@ -44,17 +45,28 @@ CONV_CASES = [
     (2, 1, 20, (5, 5), 1, 2, 1, 1, 8, 5, (8, 8)),
     (1, 4, 16, (3,), 2, 1, 1, 2, 10, 3, (17,)),
     (3, 2, 18, (2, 3, 2), (1, 2, 1), 1, 1, 1, 6, 2, (4, 6, 5)),
+    # narrow layers: the paper's 1->5 and 5->10 (3x3, no padding), orders 1..4, strides, dilations, groups
+    (2, 1, 5, (3, 3), 1, 0, 1, 1, 10, 3, (12, 11)),
+    (2, 5, 10, (3, 3), 1, 0, 1, 1, 20, 3, (9, 9)),
+    (2, 2, 3, (3, 3), 1, 0, 1, 1, 4, 1, (7, 8)),
+    (2, 3, 7, (2, 3), (2, 1), 1, (1, 2), 1, 6, 2, (9, 10)),
+    (2, 4, 6, (3, 3), 1, 1, 1, 2, 5, 4, (8, 7)),
+    (2, 2, 4, (3, 2), (1, 3), 0, 1, 1, 9, 3, (8, 11)),
+    (2, 3, 3, (1, 4), 1, (0, 2), (1, 2), 1, 3, 2, (5, 9)),
+    (1, 2, 5, (4,), 1, 1, 1, 1, 7, 4, (13,)),
+    (3, 2, 3, (2, 2, 3), 1, 1, (2, 1, 1), 1, 4, 3, (5, 4, 6)),
 ]
 
 
+@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}d-in{c[1]}-out{c[2]}-G{c[8]}-K{c[9]}")
-def test_conv_matches_dense_path(case):
+def test_conv_matches_dense_path(case, impl):
     ndim, c_in, c_out, kernel, stride, padding, dilation, groups, gs, order, spatial = case
     params, grid = _params(c_in, c_out, kernel, groups, gs, order)
     x = (torch.rand(2, c_in, *spatial, dtype=F64) * 2.6 - 1.4).requires_grad_()  # partly outside the knots
     conv = (KF.kan_conv1d, KF.kan_conv2d, KF.kan_conv3d)[ndim - 1]
     expected = conv(x, *params, grid, None, stride, padding, dilation, groups, spline_order=order)
-    got = _sparse_layer(x, params, grid, order, ndim, stride, padding, dilation, groups)
+    got = _sparse_layer(x, params, grid, order, ndim, stride, padding, dilation, groups, impl)
     assert got.shape == expected.shape
     assert torch.isfinite(got).all()
     assert _rel(got, expected) < 1e-9
@@ -66,12 +78,13 @@ def test_conv_matches_dense_path(case):
         assert _rel(h, w) < 1e-9
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("order,gs", [(1, 3), (2, 7), (3, 12), (4, 4)])
-def test_conv_matches_reference_loop(order, gs):
+def test_conv_matches_reference_loop(order, gs, kernel):
     params, grid = _params(3, 4, (3, 3), 1, gs, order)
     x = (torch.rand(2, 3, 7, 6, dtype=F64) * 2.4 - 1.3).requires_grad_()
     expected = reference.kan_conv_reference(x, *params, grid, padding=1, stride=(1, 2), spline_order=order)
-    got = _sparse_layer(x, params, grid, order, 2, stride=(1, 2), padding=1)
+    got = _sparse_layer(x, params, grid, order, 2, stride=(1, 2), padding=1, impl=kernel)
     assert _rel(got, expected) < 1e-9
     grad_out = torch.randn_like(expected)
     for h, w in zip(torch.autograd.grad(got, [x, *params], grad_out),
@@ -79,7 +92,8 @@ def test_conv_matches_reference_loop(order, gs):
         assert _rel(h, w) < 1e-9
 
 
-def test_dense_layer_matches_kan_linear_and_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dense_layer_matches_kan_linear_and_reference(kernel):
     order, gs = 3, 20
     base = torch.randn(17, 5, dtype=F64)  # 17 outputs: one vector block of float64 and a tail
     spline = torch.randn(17, 5, gs + order, dtype=F64)
@@ -87,7 +101,7 @@ def test_dense_layer_matches_kan_linear_and_reference():
     params = [t.requires_grad_() for t in (base, spline, scaler)]
     grid = KF.uniform_knots(gs, order, channels=5, dtype=F64)
     x = (torch.rand(6, 5, dtype=F64) * 2.4 - 1.2).requires_grad_()
-    got = _sparse.sparse_kan(x, grid, KF.combine_weights(*params), order)
+    got = _sparse.sparse_kan(x, grid, KF.combine_weights(*params), order, kernel=kernel)
     grad_out = torch.randn(6, 17, dtype=F64)
     for expected in (KF.kan_linear(x, *params, grid, spline_order=order),
                      reference.kan_linear_reference(x, *params, grid, spline_order=order)):
@@ -97,15 +111,20 @@ def test_dense_layer_matches_kan_linear_and_reference():
             assert _rel(h, w) < 1e-9
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_gradcheck(kernel):
     params, grid = _params(2, 2, (2, 2), 1, 3, 2)
     weight = KF.combine_weights(*params).detach().requires_grad_()
     x = (torch.rand(1, 2, 4, 4, dtype=F64) * 2.2 - 1.1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, w: _sparse.sparse_kan(a, grid, w, 2, stride=(1, 2), dilation=(2, 1)),
-                                    (x, weight))
+    assert torch.autograd.gradcheck(
+        lambda a, w: _sparse.sparse_kan(a, grid, w, 2, stride=(1, 2), dilation=(2, 1), kernel=kernel), (x, weight))
+    # stride 1, no dilation: the narrow kernels' contiguous path
+    x = (torch.rand(2, 2, 4, 5, dtype=F64) * 2.2 - 1.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w: _sparse.sparse_kan(a, grid, w, 2, kernel=kernel), (x, weight))
 
 
-def test_several_batch_chunks_and_threads_agree():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_several_batch_chunks_and_threads_agree(kernel):
     # 64 channels of 34x34 float64 values: the local form of one sample exceeds half the chunk
     # budget, so the batch is processed in several chunks.
     params, grid = _params(64, 8, (3, 3), 1, 10, 3)
@@ -118,9 +137,9 @@ def test_several_batch_chunks_and_threads_agree():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append([_sparse.kan_conv(x, t0, inv_h, weight, 3),
-                            _sparse.kan_conv_grad_input(grad_out, x, t0, inv_h, weight, 3),
-                            _sparse.kan_conv_grad_weight(grad_out, x, t0, inv_h, weight.shape, 3)])
+            results.append([_sparse.kan_conv(x, t0, inv_h, weight, 3, kernel=kernel),
+                            _sparse.kan_conv_grad_input(grad_out, x, t0, inv_h, weight, 3, kernel=kernel),
+                            _sparse.kan_conv_grad_weight(grad_out, x, t0, inv_h, weight.shape, 3, kernel=kernel)])
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -129,14 +148,69 @@ def test_several_batch_chunks_and_threads_agree():
     assert _rel(results[0][0][:1], F.conv2d(expanded, weight)) < 1e-9
 
 
-def test_float32_close_to_float64():
-    params, grid = _params(8, 40, (3, 3), 1, 10, 3)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("c_out", [40, 5])
+def test_float32_close_to_float64(kernel, c_out):
+    params, grid = _params(8, c_out, (3, 3), 1, 10, 3)
     weight = KF.combine_weights(*params).detach()
     x = torch.rand(2, 8, 10, 10, dtype=F64) * 2 - 1
-    out64 = _sparse.kan_conv(x, *_sparse.knot_params(grid), weight, 3)
-    out32 = _sparse.kan_conv(x.float(), *_sparse.knot_params(grid.float()), weight.float(), 3)
+    args64 = (x, *_sparse.knot_params(grid))
+    args32 = (x.float(), *_sparse.knot_params(grid.float()))
+    out64 = _sparse.kan_conv(*args64, weight, 3, kernel=kernel)
+    out32 = _sparse.kan_conv(*args32, weight.float(), 3, kernel=kernel)
     assert out32.dtype == torch.float32
     assert _rel(out32.double(), out64) < 1e-5
+    grad_out = torch.randn_like(out64)
+    gx64 = _sparse.kan_conv_grad_input(grad_out, *args64, weight, 3, kernel=kernel)
+    gx32 = _sparse.kan_conv_grad_input(grad_out.float(), *args32, weight.float(), 3, kernel=kernel)
+    gw64 = _sparse.kan_conv_grad_weight(grad_out, *args64, weight.shape, 3, kernel=kernel)
+    gw32 = _sparse.kan_conv_grad_weight(grad_out.float(), *args32, weight.shape, 3, kernel=kernel)
+    assert _rel(gx32.double(), gx64) < 1e-5 and _rel(gw32.double(), gw64) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_non_finite_and_outside_values_as_on_the_dense_path(kernel, dtype, stride):
+    # Values far outside the knots, on their ends, NaN and +-inf, in the layers' 3x3 geometry
+    # (narrow: 5 outputs, wide: 40): the same NaN / inf pattern and the same finite values.
+    torch.manual_seed(5)
+    c_out = 5 if kernel == "narrow" else 40
+    params, grid = _params(2, c_out, (3, 3), 1, 6, 3, dtype)
+    weight = KF.combine_weights(*params).detach()
+    x = torch.rand(2, 2, 8, 9, dtype=dtype) * 2 - 1
+    x[0, 0, 0, :5] = torch.tensor([-1e6, 1e6, grid[0, 0].item(), grid[0, -1].item(), float("nan")], dtype=dtype)
+    x[1, 1, 4, 4], x[1, 0, 7, 8], x[0, 1, 3, 0] = float("inf"), float("-inf"), float("nan")
+    t0, inv_h = _sparse.knot_params(grid)
+    expanded = KF.expand_bases(x, grid, 3).to(dtype)
+    want = F.conv2d(expanded, weight, stride=stride)
+    got = _sparse.kan_conv(x, t0, inv_h, weight, 3, stride, kernel=kernel)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    tol = 1e-9 if dtype == F64 else 1e-5
+    assert ((got - want)[fin].abs().max() / want[fin].abs().max()).item() < tol
+    # Gradients with finite values only, outside the knots included.
+    xf = torch.nan_to_num(x, nan=0.3, posinf=2.0, neginf=-3.0)
+    grad_out = torch.randn_like(want)
+    exp_f = KF.expand_bases(xf, grid, 3).to(dtype).requires_grad_()
+    w = weight.clone().requires_grad_()
+    (gw_want,) = torch.autograd.grad(F.conv2d(exp_f, w, stride=stride), [w], grad_out)
+    gw = _sparse.kan_conv_grad_weight(grad_out, xf, t0, inv_h, weight.shape, 3, stride, kernel=kernel)
+    assert _rel(gw, gw_want) < tol
+    gx = _sparse.kan_conv_grad_input(grad_out, xf, t0, inv_h, weight, 3, stride, kernel=kernel)
+    xr = xf.clone().requires_grad_()
+    (gx_want,) = torch.autograd.grad(F.conv2d(KF.expand_bases(xr, grid, 3), weight, stride=stride), [xr], grad_out)
+    assert _rel(gx, gx_want) < tol
+
+
+def test_default_kernel_and_bad_kernel():
+    assert _sparse.default_kernel(5, 4) == "narrow" and _sparse.default_kernel(63, 4) == "narrow"
+    assert _sparse.default_kernel(64, 4) == "wide" and _sparse.default_kernel(32, 8) == "wide"
+    params, grid = _params(2, 3, (3, 3), 1, 5, 3)
+    x = torch.rand(1, 2, 5, 5, dtype=F64)
+    with pytest.raises(ValueError, match="kernel must be one of wide, narrow"):
+        _sparse.kan_conv(x, *_sparse.knot_params(grid), KF.combine_weights(*params), 3, kernel="medium")
 
 
 def test_pack_unpack_round_trip():
@@ -291,14 +365,15 @@ def _decision(layer, x, mode="auto"):
 
 def test_rule(sparse_calls):
     x32, x64 = torch.rand(1, 8, 6, 6), torch.rand(1, 8, 6, 6, dtype=F64)
-    # Wide enough (128 bytes of outputs per group) from grid size 10; any width from grid size 40.
-    assert _decision(KANConv2d(8, 32, 3, grid_size=10), x32)
-    assert not _decision(KANConv2d(8, 31, 3, grid_size=10), x32)
-    assert not _decision(KANConv2d(8, 64, 3, grid_size=10, groups=4), x32)
-    assert _decision(KANConv2d(8, 16, 3, grid_size=10, dtype=F64), x64)
-    assert not _decision(KANConv2d(8, 32, 3, grid_size=9), x32)
-    assert _decision(KANConv2d(8, 5, 3, grid_size=40), x32)
-    assert not _decision(KANConv2d(8, 5, 3, grid_size=39), x32)
+    # Narrow kernels (under 256 bytes of outputs per group) from grid size 7, wide ones from 10.
+    assert _decision(KANConv2d(8, 5, 3, grid_size=7), x32)
+    assert not _decision(KANConv2d(8, 5, 3, grid_size=6), x32)
+    assert _decision(KANConv2d(8, 63, 3, grid_size=7), x32)
+    assert not _decision(KANConv2d(8, 64, 3, grid_size=9), x32)
+    assert _decision(KANConv2d(8, 64, 3, grid_size=10), x32)
+    assert _decision(KANConv2d(8, 128, 3, grid_size=8, groups=4), x32)  # 32 per group: narrow
+    assert not _decision(KANConv2d(8, 32, 3, grid_size=9, dtype=F64), x64)  # 256 bytes: wide
+    assert _decision(KANConv2d(8, 31, 3, grid_size=7, dtype=F64), x64)
     assert _decision(KANConv2d(8, 5, 3, grid_size=5), x32, "always")
     assert not _decision(KANConv2d(8, 64, 3, grid_size=50), x32, "never")
     # Never: adapted knots, another base activation, mixed dtypes (autocast), an empty batch.
@@ -377,3 +452,21 @@ def test_one_build_mechanism_for_both_extensions(monkeypatch, tmp_path, capsys):
     assert seen["name"].startswith("kanvolution_sparse_torch") and seen["name"] != build.extension_name()
     assert seen["extra_cflags"] == build.build_flags(native=True)[0]
     assert (tmp_path / seen["name"]).is_dir() and not (tmp_path / seen["name"] / "kanvolution.pid").exists()
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 2)], ids=["fast", "stride", "groups"])
+def test_narrow_kernels_any_output_layout(stride, groups):
+    # The narrow kernels write (N, O, *S) or channel-last outputs and read output gradients of any strides.
+    params, grid = _params(4, 6, (3, 3), groups, 5, 3)
+    weight = KF.combine_weights(*params).detach()
+    x = torch.rand(3, 4, 9, 8, dtype=F64) * 2.4 - 1.2
+    conv = _sparse._Conv(x, *_sparse.knot_params(grid), weight.shape, 3, stride, 1, groups, "narrow")
+    prepared = conv.prepare(weight)
+    last, first = conv.forward(prepared), conv.forward(prepared, channels_last=False)
+    assert first.is_contiguous() and last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first, last)
+    grad_out = torch.randn_like(first)
+    want = conv.backward(grad_out.contiguous(memory_format=torch.channels_last), prepared, x.shape)
+    for got in (conv.backward(grad_out, prepared, x.shape), conv.backward(grad_out.transpose(2, 3).contiguous()
+                                                                           .transpose(2, 3), prepared, x.shape)):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

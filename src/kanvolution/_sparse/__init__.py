@@ -5,6 +5,15 @@ combined weight (``G + K + 1`` multiply-adds per kernel tap and output channel).
 reduce each input value to ``[silu(x), b_0(f), .., b_K(f)]`` and its knot span ``m`` and add
 ``K + 2`` weight rows per tap, whatever the grid size (``csrc/sparse_kan.cpp``).
 
+Two sets of kernels compute the same thing (:func:`default_kernel` picks one by the layer's width):
+
+- ``"wide"``: vectorised over output channels (64-byte vectors of a tap's output channels);
+- ``"narrow"``: for layers with few output channels per group, vectorised over the kernel taps
+  and output channels of one input value: the weight becomes per-span tables in power form
+  (``K + 1`` coefficients of the position in the span per phi, :class:`_Narrow`), each value
+  evaluates all of its phi by Horner's rule and adds whole kernel rows of channel-last outputs;
+  both gradients in one pass.
+
 Scope: CPU, float32/float64, uniform knots (one spacing per channel, as
 :func:`kanvolution.functional.uniform_knots` makes them), spline order ``1 <= K <= 16``, the SiLU
 base term; 1-d, 2-d and 3-d convolutions (stride, dilation, groups; the input already padded) and
@@ -50,6 +59,8 @@ __all__ = [
     "kan_conv_grad_weight",
     "SparseKANFunction",
     "sparse_kan",
+    "KERNELS",
+    "default_kernel",
 ]
 
 _IntOrTuple = Union[int, Sequence[int]]
@@ -168,12 +179,80 @@ def unpack_weight(packed: Tensor, weight_shape: Sequence[int], groups: int, spli
     return w.reshape(tuple(weight_shape))
 
 
+KERNELS = ("wide", "narrow")
+# The narrow kernels take over below this many bytes of output channels per group (see
+# kanvolution.ops.sparse for the measurements).
+NARROW_MAX_OUTPUT_BYTES = 256
+
+
+def default_kernel(out_channels_per_group: int, itemsize: int) -> str:
+    """The kernels :func:`kan_conv` & co. use by default: ``"narrow"`` (vectorised over kernel taps
+    and output channels of one input value) for fewer than ``NARROW_MAX_OUTPUT_BYTES`` of output
+    channels per group (64 float32 or 32 float64 outputs), else ``"wide"`` (vectorised over output
+    channels).
+
+    Examples:
+        >>> default_kernel(10, 4), default_kernel(64, 4), default_kernel(32, 8)
+        ('narrow', 'wide', 'wide')
+    """
+    return "narrow" if out_channels_per_group * itemsize < NARROW_MAX_OUTPUT_BYTES else "wide"
+
+
+def _lane_order(t: Tensor, kernel: Sequence[int], lanes: int) -> Tensor:
+    """``(..., taps, Og)`` to the narrow kernels' lanes ``(..., kd * kh * Lb)``: per kernel row
+    ``(a, b)``, the ``kw`` taps in reverse order, their ``Og`` channels each, zero-padded to ``Lb``
+    (a multiple of ``lanes``)."""
+    kd, kh, kw = kernel
+    og = t.shape[-1]
+    rows = t.reshape(t.shape[:-2] + (kd * kh, kw, og)).flip(-2).reshape(t.shape[:-2] + (kd * kh, kw * og))
+    lb = -(-kw * og // lanes) * lanes
+    return torch.nn.functional.pad(rows, (0, lb - kw * og)).reshape(t.shape[:-2] + (kd * kh * lb,))
+
+
+def _from_lanes(t: Tensor, kernel: Sequence[int], og: int) -> Tensor:
+    """Inverse of :func:`_lane_order` (the padding lanes dropped): ``(..., Lp)`` to ``(..., taps, Og)``."""
+    kd, kh, kw = kernel
+    rows = t.reshape(t.shape[:-1] + (kd * kh, -1))[..., : kw * og]
+    return rows.reshape(t.shape[:-1] + (kd * kh, kw, og)).flip(-2).reshape(t.shape[:-1] + (kd * kh * kw, og))
+
+
+class _Narrow:
+    """The narrow kernels' tables of one weight (see ``csrc/sparse_kan.cpp``): ``P`` ``(C, n_spans + 1,
+    K + 1, Lp)`` the spline part of every phi in power form per knot span (the last span zero),
+    ``Wb`` ``(C, Lp)`` the base weights, ``Dt`` ``(C, n_spans + 1, K, Lp)`` the derivative in x
+    (only when asked for). Computed in float64 from the packed weight, then rounded once."""
+
+    def __init__(self, packed: Tensor, conv: "_Conv", derivative: bool, power: bool = True):
+        k, dtype = conv.K, packed.dtype
+        lanes = 64 // packed.element_size()
+        w = packed.to(torch.float64)  # (C, taps, S, Og)
+        self.Wb = _lane_order(w[:, :, 0], conv.kernel, lanes).to(dtype).contiguous()
+        self.P = self.Dt = None
+        if not (power or derivative):
+            return
+        coef = _coefficients(k)[0]  # [r][p]: coefficient of f^p in b_r
+        windows = w[:, :, 1:].unfold(2, k + 1, 1)  # (C, taps, n_spans, Og, K + 1): rows 1 + m + r
+        p = torch.einsum("ctmor,rp->cmpto", windows, coef)  # (C, n_spans, K + 1, taps, Og)
+        p = _lane_order(p, conv.kernel, lanes)
+        p = torch.cat([p, p.new_zeros((p.shape[0], 1) + p.shape[2:])], dim=1)
+        if power:
+            self.P = p.to(dtype).contiguous()
+        if derivative:
+            scale = torch.arange(1, k + 1, dtype=torch.float64).view(1, 1, k, 1)
+            inv_h = conv.inv_h.to(torch.float64).view(-1, 1, 1, 1)
+            self.Dt = (p[:, :, 1:] * scale * inv_h).to(dtype).contiguous()
+
+
 class _Conv:
     """The arguments of one call, resolved for the kernels (5-d input, 3-int geometry)."""
 
     def __init__(self, x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int], spline_order: int,
-                 stride: _IntOrTuple, dilation: _IntOrTuple, groups: int):
+                 stride: _IntOrTuple, dilation: _IntOrTuple, groups: int, kernel: str | None = None):
         self.ndim = _check(x, t0, inv_h, weight_shape, spline_order, groups)
+        og = weight_shape[0] // groups
+        self.kernel_kind = default_kernel(og, x.element_size()) if kernel is None else kernel
+        if self.kernel_kind not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)} or None, got {kernel!r}")
         self.x = _as_5d(x, self.ndim).contiguous()
         self.t0, self.inv_h = t0.contiguous(), inv_h.contiguous()
         self.weight_shape = tuple(weight_shape)
@@ -196,35 +275,89 @@ class _Conv:
     def geometry(self) -> tuple:
         return (self.K, self.n_knots, self.kernel, self.stride, self.dilation, self.groups)
 
-    def pack(self, weight: Tensor) -> Tensor:
+    @property
+    def narrow(self) -> bool:
+        return self.kernel_kind == "narrow"
+
+    def pack(self, weight: Tensor):
+        """The weight as the kernels take it: packed (wide kernels) or their tables (narrow)."""
         return pack_weight(weight, self.x.shape[1], self.groups, self.K).contiguous()
 
-    def forward(self, packed: Tensor) -> Tensor:
+    def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True):
+        """:meth:`pack`, and for the narrow kernels the tables (the power form for the forward, the
+        derivative for the input gradient)."""
+        packed = self.pack(weight)
+        return _Narrow(packed, self, derivative, forward) if self.narrow else packed
+
+    def _silu(self) -> Tensor:
+        if getattr(self, "_sx", None) is None:
+            self._sx = torch.nn.functional.silu(self.x)
+        return self._sx
+
+    def forward(self, prepared, channels_last: bool = True) -> Tensor:
+        """``(N, O, *out_spatial)`` with channels-last strides; the narrow kernels also write the
+        contiguous layout directly (``channels_last=False``)."""
         n, o = self.x.shape[0], self.weight_shape[0]
-        out = self.x.new_empty((n, *self.out_sizes, o))
-        _ops().forward(self.x, *self.args(), packed, *self.geometry(), out)
+        if self.narrow:
+            if channels_last:
+                out = self.x.new_empty((n, *self.out_sizes, o))
+            else:
+                first = self.x.new_empty((n, o, *self.out_sizes))
+                out = first.permute(0, 2, 3, 4, 1)
+            _ops().narrow_forward(self.x, self._silu(), self.t0, self.inv_h, prepared.P, prepared.Wb,
+                                  *self.geometry(), out)
+            if not channels_last:
+                return first.reshape((n, o, *self.out_sizes[3 - self.ndim :]))
+        else:
+            out = self.x.new_empty((n, *self.out_sizes, o))
+            _ops().forward(self.x, *self.args(), prepared, *self.geometry(), out)
         # (N, Do, Ho, Wo, O) -> (N, O, *spatial): channels-last strides, no copy.
         return out.reshape((n, *self.out_sizes[3 - self.ndim :], o)).movedim(-1, 1)
 
     def _grad_out(self, grad_out: Tensor) -> Tensor:
         n, o = grad_out.shape[:2]
-        return grad_out.movedim(1, -1).reshape((n, *self.out_sizes, o)).contiguous()
+        g = grad_out.movedim(1, -1).reshape((n, *self.out_sizes, o))
+        return g if self.narrow else g.contiguous()  # the narrow kernels take any strides
 
-    def grad_input(self, grad_out: Tensor, packed: Tensor, shape: torch.Size) -> Tensor:
+    def backward(self, grad_out: Tensor, prepared, shape: torch.Size, need_x: bool = True,
+                 need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """Input and weight gradients (``None`` where not needed); one pass on the narrow kernels."""
+        if not self.narrow:
+            return (self.grad_input(grad_out, prepared, shape) if need_x else None,
+                    self.grad_weight(grad_out) if need_w else None)
+        c, empty = self.x.shape[1], self.x.new_empty(0)
+        gx = torch.empty_like(self.x) if need_x else empty
+        gw = self.x.new_empty((c, self.n_knots + self.K, prepared.Wb.shape[1])) if need_w else empty
+        dsx = torch.ops.aten.silu_backward(torch.ones_like(self.x), self.x) if need_x else empty
+        _ops().narrow_backward(self._grad_out(grad_out), self.x, self._silu(), dsx, *self.args(),
+                               prepared.Dt if need_x else empty, prepared.Wb, *self.geometry(), gx, gw)
+        grad_w = None
+        if need_w:
+            packed = _from_lanes(gw, self.kernel, self.weight_shape[0] // self.groups).transpose(1, 2)
+            grad_w = unpack_weight(packed, self.weight_shape, self.groups, self.K)
+        return (gx.reshape(shape) if need_x else None), grad_w
+
+    def grad_input(self, grad_out: Tensor, prepared, shape: torch.Size) -> Tensor:
+        if self.narrow:
+            return self.backward(grad_out, prepared, shape, need_w=False)[0]
         out = torch.empty_like(self.x)
-        _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), packed, *self.geometry(), out)
+        _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), out)
         return out.reshape(shape)
 
-    def grad_weight(self, grad_out: Tensor) -> Tensor:
+    def grad_weight(self, grad_out: Tensor, prepared=None) -> Tensor:
         c, og = self.x.shape[1], self.weight_shape[0] // self.groups
         taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+        if self.narrow:
+            if prepared is None:  # only the lane layout's width is read
+                prepared = _Narrow(self.x.new_zeros((c, taps, self.n_knots + self.K, og)), self, False, False)
+            return self.backward(grad_out, prepared, self.x.shape, need_x=False)[1]
         packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
         _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
         return unpack_weight(packed, self.weight_shape, self.groups, self.K)
 
 
 def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,
-             dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+             dilation: _IntOrTuple = 1, groups: int = 1, kernel: str | None = None) -> Tensor:
     """Forward: the convolution of ``x``'s expansion with the combined ``weight``, computed sparsely.
 
     Args:
@@ -234,26 +367,28 @@ def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order:
             makes it (``(O, C * (G+K+1))`` for the dense layer).
         spline_order: ``K``.
         stride, dilation, groups: as :func:`torch.nn.functional.conv2d`.
+        kernel: ``"wide"`` or ``"narrow"`` kernels (``None``: :func:`default_kernel`); same result.
 
     Returns:
         ``(N, O, *out_spatial)`` with channels-last strides (``(N, O)`` for the dense layer).
     """
-    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
-    return conv.forward(conv.pack(weight.detach()))
+    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups, kernel)
+    return conv.forward(conv.prepare(weight.detach(), derivative=False))
 
 
 def kan_conv_grad_input(grad_out: Tensor, x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int,
-                        stride: _IntOrTuple = 1, dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+                        stride: _IntOrTuple = 1, dilation: _IntOrTuple = 1, groups: int = 1,
+                        kernel: str | None = None) -> Tensor:
     """Gradient of :func:`kan_conv` with respect to ``x`` (same arguments, plus ``grad_out``)."""
-    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
-    return conv.grad_input(grad_out, conv.pack(weight.detach()), x.shape)
+    conv = _Conv(x, t0, inv_h, weight.shape, spline_order, stride, dilation, groups, kernel)
+    return conv.grad_input(grad_out, conv.prepare(weight.detach(), forward=False), x.shape)
 
 
 def kan_conv_grad_weight(grad_out: Tensor, x: Tensor, t0: Tensor, inv_h: Tensor, weight_shape: Sequence[int],
                          spline_order: int, stride: _IntOrTuple = 1, dilation: _IntOrTuple = 1,
-                         groups: int = 1) -> Tensor:
+                         groups: int = 1, kernel: str | None = None) -> Tensor:
     """Gradient of :func:`kan_conv` with respect to the combined weight, shaped ``weight_shape``."""
-    conv = _Conv(x, t0, inv_h, weight_shape, spline_order, stride, dilation, groups)
+    conv = _Conv(x, t0, inv_h, weight_shape, spline_order, stride, dilation, groups, kernel)
     return conv.grad_weight(grad_out)
 
 
@@ -261,26 +396,23 @@ class SparseKANFunction(torch.autograd.Function):
     """:func:`kan_conv` with its two gradients (once differentiable); ``grid`` gives the knots."""
 
     @staticmethod
-    def forward(ctx, x, grid, weight, spline_order, stride, dilation, groups):
+    def forward(ctx, x, grid, weight, spline_order, stride, dilation, groups, kernel=None):
         t0, inv_h = knot_params(grid)
-        conv = _Conv(x.detach(), t0, inv_h, weight.shape, spline_order, stride, dilation, groups)
-        packed = conv.pack(weight.detach())
-        ctx.conv, ctx.x_shape = conv, x.shape
-        ctx.save_for_backward(packed)
-        return conv.forward(packed)
+        conv = _Conv(x.detach(), t0, inv_h, weight.shape, spline_order, stride, dilation, groups, kernel)
+        prepared = conv.prepare(weight.detach())
+        ctx.conv, ctx.x_shape, ctx.prepared = conv, x.shape, prepared
+        return conv.forward(prepared)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (packed,) = ctx.saved_tensors
-        conv = ctx.conv
-        grad_x = conv.grad_input(grad_out, packed, ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = conv.grad_weight(grad_out) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_w, None, None, None, None
+        grad_x, grad_w = ctx.conv.backward(grad_out, ctx.prepared, ctx.x_shape, ctx.needs_input_grad[0],
+                                           ctx.needs_input_grad[2])
+        return grad_x, None, grad_w, None, None, None, None, None
 
 
 def sparse_kan(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,
-               dilation: _IntOrTuple = 1, groups: int = 1) -> Tensor:
+               dilation: _IntOrTuple = 1, groups: int = 1, kernel: str | None = None) -> Tensor:
     """:func:`kan_conv` through autograd (:class:`SparseKANFunction`), knots from ``grid``.
 
     Examples:
@@ -291,4 +423,4 @@ def sparse_kan(x: Tensor, grid: Tensor, weight: Tensor, spline_order: int, strid
         >>> torch.autograd.gradcheck(lambda a, b: sparse_kan(a, grid, b, 1), (x, w))
         True
     """
-    return SparseKANFunction.apply(x, grid, weight, spline_order, stride, dilation, groups)
+    return SparseKANFunction.apply(x, grid, weight, spline_order, stride, dilation, groups, kernel)

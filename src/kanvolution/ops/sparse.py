@@ -1,7 +1,8 @@
 """When the op's CPU kernels run the direct sparse kernels (:mod:`kanvolution._sparse`).
 
 The dense fused path pays ``G + K + 1`` multiply-adds per kernel tap and output channel; the sparse
-kernels pay ``K + 2`` whatever the grid size, but at a lower rate per multiply-add. The CPU
+kernels pay ``K + 2`` whatever the grid size, but at a lower rate per multiply-add. They come in
+two forms, chosen by :func:`kanvolution._sparse.default_kernel` from the layer's width. The CPU
 kernels of ``kanvolution::kan_forward`` / ``kan_backward`` call :func:`forward` / :func:`backward`
 first; they return ``None`` (nothing done) and the dense path runs when the rule says dense.
 
@@ -10,8 +11,10 @@ term, spline order 1..16, float32/float64 with ``x``, knots and weight of one dt
 autocast), a non-empty batch, and the compiled CPU kernels enabled and built. Where they apply,
 the mode decides:
 
-- ``"auto"`` (the default): sparse when ``grid_size >= 40``, or when ``grid_size >= 10`` and the
-  layer has at least ``128 / itemsize`` output channels per group (32 in float32, 16 in float64);
+- ``"auto"`` (the default): on layers with fewer than ``256 / itemsize`` output channels per group
+  (64 in float32, 32 in float64), which run the narrow kernels (vectorised over the kernel taps
+  and output channels of each input value), sparse when ``grid_size >= 7``; on wider layers, which
+  run the wide kernels (vectorised over output channels), sparse when ``grid_size >= 10``;
 - ``"always"``: sparse wherever they apply;
 - ``"never"``: the dense path only.
 
@@ -37,12 +40,17 @@ __all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "bac
 
 ENV_VAR = "KANVOLUTION_SPARSE"
 MODES = ("auto", "always", "never")
-# The rule of "auto" (see the module docstring), from benchmarks/sparse_kernel.py (1 thread): at
-# gs = 10 the sparse kernels tie with the dense path at 32 float32 outputs and win from 64 on;
-# on the paper's narrow layers (5 and 10 outputs) they tie or win from gs = 40 on.
+# The rule of "auto" (see the module docstring), from same-run ratios of forward + backward
+# (1 thread, float32, a loaded 2-core Xeon with AVX-512; dense / narrow time, > 1: narrow faster):
+#   KANC 1->5 on (128, 1, 28, 28):  gs 3: 1.34, 5: 1.32, 7: 1.69, 10: 1.73, 20: 1.85
+#   KANC 5->10 on (128, 5, 13, 13): gs 3: 0.88, 5: 1.01, 7: 1.19, 10: 1.10, 20: 1.52
+#   16->8 / 16->16 on (16, 16, 32, 32), padding 1: gs 5: 1.05 / 0.92, gs 10: 1.54 / 1.27
+#   16->32: gs 10: 1.04 (and 1.47x faster than the wide kernels)
+# and the narrow kernels against the wide ones at gs 10: 16->64 1.10x faster, 64->64 a tie
+# (0.82x at gs 20), 128->128 0.46x: the narrow kernels below 64 float32 outputs per group.
+# The wide kernels tie with the dense path at 32 float32 outputs and win from 64 on at gs = 10.
+NARROW_MIN_GRID_SIZE = 7
 MIN_GRID_SIZE = 10
-MIN_GRID_SIZE_ANY_WIDTH = 40
-MIN_OUTPUT_BYTES = 128
 
 _override: str | None = None
 
@@ -81,14 +89,15 @@ def use_sparse(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int
         or not build.is_enabled()
     ):
         return False
+    from .. import _sparse
+
     if chosen == "auto":
         grid_size = state.shape[-1] - 2 * option - 1
-        wide = weight.shape[0] // groups * x.element_size() >= MIN_OUTPUT_BYTES
-        if not (grid_size >= MIN_GRID_SIZE_ANY_WIDTH or (wide and grid_size >= MIN_GRID_SIZE)):
+        narrow = _sparse.default_kernel(weight.shape[0] // groups, x.element_size()) == "narrow"
+        if grid_size < (NARROW_MIN_GRID_SIZE if narrow else MIN_GRID_SIZE):
             return False
     if _uniform_spacing(state) is None:
         return False
-    from .. import _sparse
 
     return _sparse.available()
 
@@ -108,7 +117,9 @@ def forward(x, state, weight, basis, option, activation, stride, dilation, group
     from .kan import _canonical, _memory_format
 
     conv = _conv(x, state, weight, option, stride, dilation, groups)
-    return _canonical(conv.forward(conv.pack(weight)), _memory_format(len(stride), channels_last))
+    fmt = _memory_format(len(stride), channels_last)
+    out = conv.forward(conv.prepare(weight, derivative=False), channels_last=fmt != torch.contiguous_format)
+    return _canonical(out, fmt)
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
@@ -118,13 +129,14 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
         return None
     need_x, need_w = output_mask
     conv = _conv(x, state, weight, option, stride, dilation, groups)
+    prepared = conv.prepare(weight, forward=False, derivative=need_x) if need_x or conv.narrow else None
+    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w)
     grad_x = x.new_empty(0)
     if need_x:
-        grad_x = conv.grad_input(grad_out, conv.pack(weight), conv.x.shape).movedim(1, -1)
-        grad_x = grad_x.reshape(x.shape).contiguous()
+        grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
     grad_w = weight.new_empty(0)
     if need_w:
-        grad_w = conv.grad_weight(grad_out)
+        grad_w = gw
         if grad_w.stride() != weight.stride():  # the fake kernel promises empty_like(weight)
             grad_w = torch.empty_like(weight).copy_(grad_w)
     return grad_x, grad_w

@@ -24,7 +24,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -83,12 +86,13 @@ struct Local {
           const T f = uu - static_cast<T>(m);
           const T sig = T(1) / (T(1) + std::exp(-xv));
           T* v = vals.data() + l * V;
-          v[0] = xv * sig;
+          // +-inf: NaN, as the dense path's bases of an infinite value are NaN.
+          v[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : xv * sig;
           for (int r = 0; r <= K; ++r) v[1 + r] = inside ? horner(coef + r * (K + 1), K + 1, f) : T(0);
           row[l] = 1 + m;
           if (derivative) {
             T* dv = dvals.data() + l * V;
-            dv[0] = sig * (T(1) + xv * (T(1) - sig));
+            dv[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : sig * (T(1) + xv * (T(1) - sig));
             for (int r = 0; r <= K; ++r) dv[1 + r] = inside ? horner(dcoef + r * K, K, f) * s : T(0);
           }
         }
@@ -470,6 +474,428 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
   }
 }
 
+// ---- Narrow layers: vectorised over (kernel tap, output channel) per input value ------------------
+//
+// With few output channels per group, vectors over output channels are mostly empty. These kernels
+// instead evaluate, for one input value, all of its phi (every kernel tap and output channel) as
+// lanes of vectors, from per-span tables in power form built by kanvolution._sparse:
+//   P[c][m][i][lane]  (m = 0 .. n_spans, i = 0 .. K): coefficient of f^i of the spline part of phi
+//                     in span m; span n_spans is all zero (values outside the knots, and NaN);
+//   Dt[c][m][i][lane] (i = 0 .. K - 1): the derivative in x, (i + 1) P[c][m][i + 1][lane] inv_h[c];
+//   Wb[c][lane]: the base weights.
+// Lanes: kernel row (a, b) (kd * kh of them) owns Lb lanes (kw * Og rounded up to whole 64-byte
+// vectors; padding lanes zero): lane e' * Og + o is tap (a, b, kw - 1 - e') and output channel o, so
+// that with groups == 1, horizontal stride 1 and dilation 1 the lanes of one kernel row are the
+// channel-last outputs (oh, w - kw + 1 .. w) in memory order: one contiguous block. Outputs (and
+// output gradients) are then kept in a per-thread scratch with kw - 1 extra columns on each side.
+// Other geometries scatter (gather) tap by tap. silu(x) and its derivative come precomputed.
+
+// Sum of a vector's lanes, pairwise (a short dependency chain, and a fixed order).
+template <typename T>
+inline T lane_sum(const typename Vec64<T>::type& v) {
+  constexpr int LW = Vec64<T>::lanes;
+  T t[LW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = LW / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
+
+// Zeroed scratch aligned to 64 bytes (whole vectors never straddle two cache lines).
+template <typename T>
+struct AlignedBuf {
+  T* p = nullptr;
+  int64_t n = 0;
+  AlignedBuf() = default;
+  explicit AlignedBuf(int64_t count) { reset(count); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  ~AlignedBuf() { std::free(p); }
+  void reset(int64_t count) {
+    std::free(p);
+    n = count;
+    const size_t bytes = (size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "out of memory for a scratch buffer of ", bytes, " bytes");
+    std::fill(p, p + count, T(0));
+  }
+  T* data() { return p; }
+  const T* data() const { return p; }
+  T& operator[](int64_t i) { return p[i]; }
+};
+
+// One input value's span (table index) and position; outside the knots (and NaN) the zero span.
+template <typename T>
+struct SpanPos {
+  int64_t m;
+  T f;
+  bool inside;
+  SpanPos(T xv, T a, T s, int64_t n_spans) {
+    const T u = (xv - a) * s;
+    inside = u >= T(0) && u < static_cast<T>(n_spans);  // false for NaN
+    const T uu = inside ? u : T(0);
+    const int64_t k = static_cast<int64_t>(uu);
+    f = uu - static_cast<T>(k);
+    m = inside ? k : n_spans;
+  }
+};
+
+// Element strides of an (N, Do, Ho, Wo, O) output or output gradient (any layout: channel-last or
+// the layers' (N, O, *spatial)).
+struct OutStrides {
+  int64_t n, d, h, w, o;
+  explicit OutStrides(const at::Tensor& t) : n(t.stride(0)), d(t.stride(1)), h(t.stride(2)), w(t.stride(3)), o(t.stride(4)) {}
+  int64_t at(int64_t od, int64_t oh, int64_t ow) const { return od * d + oh * h + ow * w; }
+};
+
+template <typename T>
+struct NarrowGeom {
+  int64_t n_spans, blocks, Lb, Lp, nv, RS;
+  bool fast;
+  NarrowGeom(const Geometry& g, int64_t n_knots, int64_t lp) {
+    n_spans = n_knots - 1;
+    blocks = g.kd * g.kh;
+    Lp = lp;
+    Lb = lp / blocks;
+    nv = Lp / Vec64<T>::lanes;
+    fast = g.groups == 1 && g.sw == 1 && g.dw == 1;
+    RS = (g.W - 1) * g.O + Lb;  // scratch row: columns -(kw-1) .. W-1 of one output row, and the last block's tail
+  }
+  // The kernel rows (a, b) that read input row (d, h): lane offset and scratch row offset of each.
+  int64_t rows(const TapMap& map, const Geometry& g, int64_t d, int64_t h, int64_t* off, int64_t* dst) const {
+    int64_t nb = 0;
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t od = map.od_of[a * g.D + d];
+      if (od < 0) continue;
+      for (int64_t b = 0; b < g.kh; ++b) {
+        const int64_t oh = map.oh_of[b * g.H + h];
+        if (oh < 0) continue;
+        off[nb] = (a * g.kh + b) * Lb;
+        dst[nb++] = (od * g.Ho + oh) * RS;
+      }
+    }
+    return nb;
+  }
+};
+
+template <typename T, int KC>
+void narrow_forward_impl(const T* x, const T* sx, const T* t0, const T* inv_h, const T* P, const T* Wb,
+                         const Geometry& g, int k_rt, int64_t n_knots, int64_t lp, T* out, const OutStrides& st) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  const int K = KC > 0 ? KC : k_rt;
+  const NarrowGeom<T> ng(g, n_knots, lp);
+  const int64_t L = g.in_size(), PO = g.out_size(), Lp = ng.Lp, Lb = ng.Lb, span_stride = (K + 1) * Lp;
+  const int64_t row_lanes = g.kw * g.Og;
+  const TapMap map(g);
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    AlignedBuf<T> ybuf(Lp);
+    AlignedBuf<T> scratch(ng.fast ? g.Do * g.Ho * ng.RS : 0);
+    std::vector<int64_t> boff(ng.blocks), bdst(ng.blocks);
+    for (int64_t n = n0; n < n1; ++n) {
+      T* os = out + n * st.n;
+      if (ng.fast) {
+        std::fill(scratch.data(), scratch.data() + scratch.n, T(0));
+      } else {
+        for (int64_t od = 0; od < g.Do; ++od)
+          for (int64_t oh = 0; oh < g.Ho; ++oh)
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              for (int64_t o = 0; o < g.O; ++o) os[st.at(od, oh, ow) + o * st.o] = T(0);
+      }
+      for (int64_t c = 0; c < g.C; ++c) {
+        const T a0 = t0[c], s = inv_h[c];
+        const T* Pc = P + c * (ng.n_spans + 1) * span_stride;
+        const T* Wc = Wb + c * Lp;
+        const int64_t ocol = c / g.Cg * g.Og;
+        const int64_t base = (n * g.C + c) * L;
+        for (int64_t d = 0; d < g.D; ++d) {
+          for (int64_t h = 0; h < g.H; ++h) {
+            const int64_t nb = ng.rows(map, g, d, h, boff.data(), bdst.data());
+            for (int64_t w = 0; w < g.W; ++w) {
+              const int64_t i = base + (d * g.H + h) * g.W + w;
+              const SpanPos<T> sp(x[i], a0, s, ng.n_spans);
+              const T sv = std::isinf(x[i]) ? std::numeric_limits<T>::quiet_NaN() : sx[i];  // as the wide kernels
+              const T* Pm = Pc + sp.m * span_stride;
+              const bool finite = std::isfinite(sv);
+              if (ng.fast && finite) {  // evaluate each kernel row's lanes straight into its output block
+                for (int64_t k = 0; k < nb; ++k) {
+                  {
+                    const int64_t off = boff[k];
+                    const T* Pb = Pm + off;
+                    const T* Wcb = Wc + off;
+                    T* so = scratch.data() + bdst[k] + w * g.O;
+                    for (int64_t v = 0; v < Lb; v += LW) {  // whole vectors: the padding lanes add exact zeros
+                      vec y = Vc::load(Pb + K * Lp + v);
+                      for (int r = K - 1; r >= 0; --r) y = y * sp.f + Vc::load(Pb + r * Lp + v);
+                      const vec u = Vc::load(so + v) + (y + sv * Vc::load(Wcb + v));
+                      std::memcpy(so + v, &u, sizeof u);
+                    }
+                  }
+                }
+                continue;
+              }
+              for (int64_t v = 0; v < ng.nv; ++v) {
+                vec y = Vc::load(Pm + K * Lp + v * LW);
+                for (int r = K - 1; r >= 0; --r) y = y * sp.f + Vc::load(Pm + r * Lp + v * LW);
+                y += sv * Vc::load(Wc + v * LW);
+                std::memcpy(ybuf.data() + v * LW, &y, sizeof y);
+              }
+              for (int64_t a = 0; a < g.kd; ++a) {
+                const int64_t od = map.od_of[a * g.D + d];
+                if (od < 0) continue;
+                for (int64_t b = 0; b < g.kh; ++b) {
+                  const int64_t oh = map.oh_of[b * g.H + h];
+                  if (oh < 0) continue;
+                  const T* yb = ybuf.data() + (a * g.kh + b) * Lb;
+                  if (ng.fast) {
+                    T* sp_out = scratch.data() + (od * g.Ho + oh) * ng.RS + w * g.O;
+                    if (finite) {  // whole vectors: the padding lanes add exact zeros
+                      for (int64_t v = 0; v < Lb; v += LW) {
+                        const vec u = Vc::load(sp_out + v) + Vc::load(yb + v);
+                        std::memcpy(sp_out + v, &u, sizeof u);
+                      }
+                    } else {  // inf * 0 in the padding lanes: only the real ones
+                      for (int64_t j = 0; j < row_lanes; ++j) sp_out[j] += yb[j];
+                    }
+                    continue;
+                  }
+                  for (int64_t e1 = 0; e1 < g.kw; ++e1) {
+                    const int64_t ow = map.ow_of[(g.kw - 1 - e1) * g.W + w];
+                    if (ow < 0) continue;
+                    T* op = os + st.at(od, oh, ow) + ocol * st.o;
+                    const T* ye = yb + e1 * g.Og;
+                    for (int64_t o = 0; o < g.Og; ++o) op[o * st.o] += ye[o];
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      if (ng.fast) {
+        for (int64_t r = 0; r < g.Do * g.Ho; ++r)
+          if (st.o == 1 && st.w == g.O) {
+            std::memcpy(os + st.at(r / g.Ho, r % g.Ho, 0), scratch.data() + r * ng.RS + (g.kw - 1) * g.O,
+                        g.Wo * g.O * sizeof(T));
+          } else {  // channel-first: one output channel at a time
+            const T* src = scratch.data() + r * ng.RS + (g.kw - 1) * g.O;
+            T* dst = os + st.at(r / g.Ho, r % g.Ho, 0);
+            for (int64_t o = 0; o < g.O; ++o)
+              for (int64_t ow = 0; ow < g.Wo; ++ow) dst[o * st.o + ow * st.w] = src[ow * g.O + o];
+          }
+      }
+    }
+  });
+}
+
+// Both gradients in one pass over the input values (either may be skipped: gx or gw null).
+// gw: (C, S, Lp), slot s as in the packed weight (0: base, 1 + m + r: basis b_r of span m).
+// Samples are processed in a fixed number of blocks, whatever the number of threads, each with its
+// own weight-gradient accumulator, summed in block order at the end: results independent of it.
+template <typename T, int KC>
+void narrow_backward_impl(const T* go, const T* x, const T* sx, const T* dsx, const T* t0, const T* inv_h,
+                          const Tables<T>& tab, const T* Dt, const T* Wb, const Geometry& g, int k_rt,
+                          int64_t n_knots, int64_t lp, T* gx, T* gw, const OutStrides& st) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  using IT = typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type;
+  using ivec = typename Vec64<IT>::type;
+  constexpr int LW = Vc::lanes;
+  const int K = KC > 0 ? KC : k_rt;
+  const NarrowGeom<T> ng(g, n_knots, lp);
+  const int64_t L = g.in_size(), PO = g.out_size(), Lp = ng.Lp, Lb = ng.Lb, dspan = K * Lp;
+  const int64_t row_lanes = g.kw * g.Og, S = n_knots + K;
+  const int64_t acc_size = gw ? g.C * S * Lp : 0;
+  const TapMap map(g);
+  // Lane masks of one kernel row's vectors (the padding lanes read neighbouring outputs).
+  std::vector<ivec> masks(Lb / LW);
+  for (int64_t v = 0; v < Lb / LW; ++v)
+    for (int l = 0; l < LW; ++l) masks[v][l] = v * LW + l < row_lanes ? IT(-1) : IT(0);
+  const int64_t max_blocks = 16;
+  int64_t n_blocks = std::min<int64_t>(g.N, max_blocks);
+  if (gw) n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t(64) << 20) / (acc_size * int64_t(sizeof(T)))));
+  const int64_t per_block = (g.N + n_blocks - 1) / n_blocks;
+  n_blocks = (g.N + per_block - 1) / per_block;
+  std::vector<AlignedBuf<T>> accs(gw ? n_blocks : 0);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    AlignedBuf<T> gbuf(Lp);
+    AlignedBuf<T> gpad(ng.fast ? g.Do * g.Ho * ng.RS : 0);  // margins stay zero
+    std::vector<int64_t> boff(ng.blocks), bdst(ng.blocks);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      T* acc = nullptr;
+      if (gw) {
+        accs[blk].reset(acc_size);
+        acc = accs[blk].data();
+      }
+      for (int64_t n = blk * per_block; n < std::min(g.N, (blk + 1) * per_block); ++n) {
+        const T* gs = go + n * st.n;
+        if (ng.fast) {
+          for (int64_t r = 0; r < g.Do * g.Ho; ++r)
+          {
+            T* dst = gpad.data() + r * ng.RS + (g.kw - 1) * g.O;
+            const T* src = gs + st.at(r / g.Ho, r % g.Ho, 0);
+            if (st.o == 1 && st.w == g.O) {
+              std::memcpy(dst, src, g.Wo * g.O * sizeof(T));
+            } else {
+              for (int64_t o = 0; o < g.O; ++o)
+                for (int64_t ow = 0; ow < g.Wo; ++ow) dst[ow * g.O + o] = src[o * st.o + ow * st.w];
+            }
+          }
+        }
+        for (int64_t c = 0; c < g.C; ++c) {
+          const T a0 = t0[c], s = inv_h[c];
+          const T* Dc = Dt + c * (ng.n_spans + 1) * dspan;
+          const T* Wc = Wb + c * Lp;
+          T* Ac = acc ? acc + c * S * Lp : nullptr;
+          const int64_t ocol = c / g.Cg * g.Og;
+          const int64_t base = (n * g.C + c) * L;
+          for (int64_t d = 0; d < g.D; ++d) {
+            for (int64_t h = 0; h < g.H; ++h) {
+              const int64_t nb = ng.rows(map, g, d, h, boff.data(), bdst.data());
+              for (int64_t w = 0; w < g.W; ++w) {
+                const int64_t i = base + (d * g.H + h) * g.W + w;
+                const SpanPos<T> sp(x[i], a0, s, ng.n_spans);
+                const bool inf = std::isinf(x[i]);  // NaN terms, as the wide kernels
+                const T sv = inf ? std::numeric_limits<T>::quiet_NaN() : sx[i];
+                const T dv = gx ? (inf ? std::numeric_limits<T>::quiet_NaN() : dsx[i]) : T(0);
+                if (ng.fast && std::isfinite(sv) && std::isfinite(dv)) {
+                  // Each kernel row's output gradients straight from the padded copy, vector by vector.
+                  T bv[kMaxOrder + 1];
+                  const int R = Ac && sp.inside ? K + 1 : 0;
+                  for (int r = 0; r < R; ++r) bv[r] = horner(tab.coef + r * (K + 1), K + 1, sp.f);
+                  const T* Dm = gx ? Dc + sp.m * dspan : nullptr;
+                  T* Ar = Ac ? Ac + (1 + sp.m) * Lp : nullptr;
+                  vec t = {};
+                  for (int64_t k = 0; k < nb; ++k) {
+                    {
+                      const int64_t off = boff[k];
+                      const T* src = gpad.data() + bdst[k] + w * g.O;
+                      for (int64_t v = 0; v < Lb / LW; ++v) {
+                        const int64_t j = off + v * LW;
+                        const vec gv = (vec)((ivec)Vc::load(src + v * LW) & masks[v]);
+                        if (Dm) {
+                          vec y = dv * Vc::load(Wc + j);
+                          if (K > 1) {
+                            vec p = Vc::load(Dm + (K - 1) * Lp + j);
+                            for (int r = K - 2; r >= 0; --r) p = p * sp.f + Vc::load(Dm + r * Lp + j);
+                            y += p;
+                          } else {
+                            y += Vc::load(Dm + j);
+                          }
+                          t += gv * y;
+                        }
+                        if (Ac) {
+                          const vec u = Vc::load(Ac + j) + sv * gv;
+                          std::memcpy(Ac + j, &u, sizeof u);
+                          for (int r = 0; r < R; ++r) {
+                            const vec ur = Vc::load(Ar + r * Lp + j) + bv[r] * gv;
+                            std::memcpy(Ar + r * Lp + j, &ur, sizeof ur);
+                          }
+                        }
+                      }
+                    }
+                  }
+                  if (gx) gx[i] = lane_sum<T>(t);
+                  continue;
+                }
+                // Gather the output gradients this value feeds, in lane order.
+                bool any = false;
+                for (int64_t a = 0; a < g.kd; ++a) {
+                  const int64_t od = map.od_of[a * g.D + d];
+                  for (int64_t b = 0; b < g.kh; ++b) {
+                    const int64_t oh = map.oh_of[b * g.H + h];
+                    T* gb = gbuf.data() + (a * g.kh + b) * Lb;
+                    if ((od | oh) < 0) {
+                      std::fill(gb, gb + Lb, T(0));
+                      continue;
+                    }
+                    any = true;
+                    if (ng.fast) {
+                      const T* src = gpad.data() + (od * g.Ho + oh) * ng.RS + w * g.O;
+                      for (int64_t v = 0; v < Lb / LW; ++v) {
+                        const vec u = (vec)((ivec)Vc::load(src + v * LW) & masks[v]);
+                        std::memcpy(gb + v * LW, &u, sizeof u);
+                      }
+                      continue;
+                    }
+                    std::fill(gb, gb + Lb, T(0));
+                    for (int64_t e1 = 0; e1 < g.kw; ++e1) {
+                      const int64_t ow = map.ow_of[(g.kw - 1 - e1) * g.W + w];
+                      if (ow < 0) continue;
+                      const T* src = gs + st.at(od, oh, ow) + ocol * st.o;
+                      for (int64_t o = 0; o < g.Og; ++o) gb[e1 * g.Og + o] = src[o * st.o];
+                    }
+                  }
+                }
+                if (gx) {
+                  T total = T(0);
+                  {  // even when it feeds no output: 0 * silu'(NaN) is NaN, as on the dense path
+                    const T* Dm = Dc + sp.m * dspan;
+                    vec t = {};
+                    for (int64_t v = 0; v < ng.nv; ++v) {
+                      vec y = dv * Vc::load(Wc + v * LW);
+                      if (K > 1) {
+                        vec p = Vc::load(Dm + (K - 1) * Lp + v * LW);
+                        for (int r = K - 2; r >= 0; --r) p = p * sp.f + Vc::load(Dm + r * Lp + v * LW);
+                        y += p;
+                      } else {
+                        y += Vc::load(Dm + v * LW);
+                      }
+                      t += Vc::load(gbuf.data() + v * LW) * y;
+                    }
+                    total = lane_sum<T>(t);
+                  }
+                  gx[i] = total;
+                }
+                if (Ac && any) {
+                  T bv[kMaxOrder + 1];
+                  const int R = sp.inside ? K + 1 : 0;
+                  for (int r = 0; r < R; ++r) bv[r] = horner(tab.coef + r * (K + 1), K + 1, sp.f);
+                  T* A0 = Ac;
+                  T* Ar = Ac + (1 + sp.m) * Lp;
+                  const bool finite = std::isfinite(sv);
+                  for (int64_t v = 0; v < ng.nv; ++v) {
+                    const vec gv = Vc::load(gbuf.data() + v * LW);
+                    if (finite) {
+                      const vec u = Vc::load(A0 + v * LW) + sv * gv;
+                      std::memcpy(A0 + v * LW, &u, sizeof u);
+                    }
+                    for (int r = 0; r < R; ++r) {
+                      const vec ur = Vc::load(Ar + r * Lp + v * LW) + bv[r] * gv;
+                      std::memcpy(Ar + r * Lp + v * LW, &ur, sizeof ur);
+                    }
+                  }
+                  if (!finite) {  // inf or NaN times the zeros of the taps that do not read this value: skip those
+                    for (int64_t a = 0; a < g.kd; ++a) {
+                      if (map.od_of[a * g.D + d] < 0) continue;
+                      for (int64_t b = 0; b < g.kh; ++b) {
+                        if (map.oh_of[b * g.H + h] < 0) continue;
+                        const int64_t off = (a * g.kh + b) * Lb;
+                        for (int64_t e1 = 0; e1 < g.kw; ++e1) {
+                          if (map.ow_of[(g.kw - 1 - e1) * g.W + w] < 0) continue;
+                          for (int64_t o = 0; o < g.Og; ++o) A0[off + e1 * g.Og + o] += sv * gbuf[off + e1 * g.Og + o];
+                        }
+                      }
+                    }
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  if (gw) {
+    std::fill(gw, gw + acc_size, T(0));
+    for (int64_t blk = 0; blk < n_blocks; ++blk) {
+      const T* a = accs[blk].data();
+      for (int64_t j = 0; j < acc_size; ++j) gw[j] += a[j];
+    }
+  }
+}
+
 void check_cpu(const at::Tensor& t, const at::Tensor& like, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type() && t.dim() == dim,
               name, " must be a contiguous CPU tensor of ", dim, " dimensions and dtype ", like.scalar_type(),
@@ -587,6 +1013,119 @@ void grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   });
 }
 
+// x, sx (N, C, D, H, W); P (C, n_spans + 1, K + 1, Lp); Wb (C, Lp); out (N, Do, Ho, Wo, O).
+Geometry narrow_geometry(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& Wb,
+                         int64_t K, int64_t n_knots, at::IntArrayRef kernel, at::IntArrayRef stride,
+                         at::IntArrayRef dilation, int64_t groups, int64_t O) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  check_cpu(x, x, "x", 5);
+  check_cpu(t0, x, "t0", 1);
+  check_cpu(inv_h, x, "inv_h", 1);
+  check_cpu(Wb, x, "base table", 2);
+  TORCH_CHECK(K >= 1 && K <= kMaxOrder, "spline order must be in 1..", kMaxOrder, ", got ", K);
+  TORCH_CHECK(n_knots >= 2 * K + 2, "too few knots (", n_knots, ") for spline order ", K);
+  TORCH_CHECK(kernel.size() == 3 && stride.size() == 3 && dilation.size() == 3, "kernel, stride, dilation: 3 ints");
+  Geometry g;
+  g.N = x.size(0), g.C = x.size(1), g.D = x.size(2), g.H = x.size(3), g.W = x.size(4);
+  g.kd = kernel[0], g.kh = kernel[1], g.kw = kernel[2];
+  g.sd = stride[0], g.sh = stride[1], g.sw = stride[2];
+  g.dd = dilation[0], g.dh = dilation[1], g.dw = dilation[2];
+  TORCH_CHECK(g.kd >= 1 && g.kh >= 1 && g.kw >= 1 && g.sd >= 1 && g.sh >= 1 && g.sw >= 1 && g.dd >= 1 && g.dh >= 1 &&
+                  g.dw >= 1, "kernel, stride and dilation must be positive");
+  TORCH_CHECK(t0.size(0) == g.C && inv_h.size(0) == g.C, "t0 and inv_h need one entry per input channel");
+  TORCH_CHECK(groups >= 1 && g.C % groups == 0 && O % groups == 0, "groups must divide the channels");
+  g.groups = groups;
+  g.Cg = g.C / groups;
+  g.S = n_knots + K;
+  g.O = O;
+  g.Og = O / groups;
+  const int64_t lanes = 64 / x.element_size(), blocks = g.kd * g.kh;
+  const int64_t lb = (g.kw * g.Og + lanes - 1) / lanes * lanes;
+  TORCH_CHECK(Wb.size(0) == g.C && Wb.size(1) == blocks * lb, "base table must be (C, ", blocks * lb, "), got ",
+              Wb.sizes());
+  g.Do = (g.D - g.dd * (g.kd - 1) - 1) / g.sd + 1;
+  g.Ho = (g.H - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.D >= g.dd * (g.kd - 1) + 1 && g.H >= g.dh * (g.kh - 1) + 1 && g.W >= g.dw * (g.kw - 1) + 1,
+              "input smaller than the (dilated) kernel");
+  return g;
+}
+
+void check_table(const at::Tensor& t, const at::Tensor& x, const Geometry& g, int64_t n_knots, int64_t rows,
+                 int64_t lp, const char* name) {
+  check_cpu(t, x, name, 4);
+  TORCH_CHECK(t.size(0) == g.C && t.size(1) == n_knots && t.size(2) == rows && t.size(3) == lp, name,
+              " must be (C, n_knots, ", rows, ", Lp), got ", t.sizes());
+}
+
+// Any strides: the narrow kernels address outputs and their gradients through OutStrides.
+void check_out_shaped(const at::Tensor& t, const at::Tensor& x, const Geometry& g, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.dim() == 5, name,
+              " must be a 5-d CPU tensor of dtype ", x.scalar_type(), ", got ", t.sizes(), " ", t.scalar_type());
+  TORCH_CHECK(t.size(0) == g.N && t.size(1) == g.Do && t.size(2) == g.Ho && t.size(3) == g.Wo && t.size(4) == g.O,
+              name, " must be (N, Do, Ho, Wo, O), got ", t.sizes());
+}
+
+void narrow_forward(const at::Tensor& x, const at::Tensor& sx, const at::Tensor& t0, const at::Tensor& inv_h,
+                    const at::Tensor& P, const at::Tensor& Wb, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+                    at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
+  TORCH_CHECK(out.dim() == 5, "out must be (N, Do, Ho, Wo, O)");
+  const Geometry g = narrow_geometry(x, t0, inv_h, Wb, K, n_knots, kernel, stride, dilation, groups, out.size(4));
+  check_cpu(sx, x, "silu(x)", 5);
+  TORCH_CHECK(sx.sizes() == x.sizes(), "silu(x) must be shaped like x");
+  check_table(P, x, g, n_knots, K + 1, Wb.size(1), "power table");
+  check_out_shaped(out, x, g, "out");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_narrow_forward", [&] {
+    dispatch_order(K, [&](auto kc) {
+      narrow_forward_impl<scalar_t, decltype(kc)::value>(
+          x.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(), t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(),
+          P.data_ptr<scalar_t>(), Wb.data_ptr<scalar_t>(), g, int(K), n_knots, Wb.size(1), out.data_ptr<scalar_t>(),
+          OutStrides(out));
+    });
+  });
+}
+
+// grad_x (shaped like x) and grad_w ((C, n_knots + K, Lp)) are written where they have elements.
+void narrow_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& sx, const at::Tensor& dsx,
+                     const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef, const at::Tensor& dcoef,
+                     const at::Tensor& Dt, const at::Tensor& Wb, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
+                     at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor grad_x,
+                     at::Tensor grad_w) {
+  TORCH_CHECK(grad_out.dim() == 5, "grad_out must be (N, Do, Ho, Wo, O)");
+  const Geometry g = narrow_geometry(x, t0, inv_h, Wb, K, n_knots, kernel, stride, dilation, groups,
+                                     grad_out.size(4));
+  check_out_shaped(grad_out, x, g, "grad_out");
+  TORCH_CHECK(coef.scalar_type() == at::kDouble && coef.is_contiguous() && coef.numel() == (K + 1) * (K + 1) &&
+                  dcoef.scalar_type() == at::kDouble && dcoef.is_contiguous() && dcoef.numel() == (K + 1) * K,
+              "bad piece coefficient tables");
+  const int64_t lp = Wb.size(1);
+  const bool need_x = grad_x.numel() > 0, need_w = grad_w.numel() > 0;
+  check_cpu(sx, x, "silu(x)", 5);
+  TORCH_CHECK(sx.sizes() == x.sizes(), "silu(x) must be shaped like x");
+  if (need_x) {
+    check_cpu(dsx, x, "silu'(x)", 5);
+    check_cpu(grad_x, x, "grad_x", 5);
+    TORCH_CHECK(dsx.sizes() == x.sizes() && grad_x.sizes() == x.sizes(), "silu'(x) and grad_x must be shaped like x");
+    check_table(Dt, x, g, n_knots, K, lp, "derivative table");
+  }
+  if (need_w) {
+    check_cpu(grad_w, x, "grad_w", 3);
+    TORCH_CHECK(grad_w.size(0) == g.C && grad_w.size(1) == n_knots + K && grad_w.size(2) == lp,
+                "grad_w must be (C, n_knots + K, Lp), got ", grad_w.sizes());
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_narrow_backward", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      narrow_backward_impl<scalar_t, decltype(kc)::value>(
+          grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), sx.data_ptr<scalar_t>(),
+          need_x ? dsx.data_ptr<scalar_t>() : nullptr, t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
+          need_x ? Dt.data_ptr<scalar_t>() : nullptr, Wb.data_ptr<scalar_t>(), g, int(K), n_knots, lp,
+          need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+          OutStrides(grad_out));
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kanvolution_sparse, m) {
@@ -599,4 +1138,11 @@ TORCH_LIBRARY(kanvolution_sparse, m) {
   m.def("grad_weight(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, int K, "
         "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &grad_weight);
+  m.def("narrow_forward(Tensor x, Tensor sx, Tensor t0, Tensor inv_h, Tensor P, Tensor Wb, int K, int n_knots, "
+        "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
+        &narrow_forward);
+  m.def("narrow_backward(Tensor grad_out, Tensor x, Tensor sx, Tensor dsx, Tensor t0, Tensor inv_h, Tensor coef, "
+        "Tensor dcoef, Tensor Dt, Tensor Wb, int K, int n_knots, int[] kernel, int[] stride, int[] dilation, "
+        "int groups, Tensor(a!) grad_x, Tensor(b!) grad_w) -> ()",
+        &narrow_backward);
 }
