@@ -76,6 +76,16 @@ def test_unknown_pretrained_weights_name_what_is_shipped():
         create_model("kkan_small", grid_size=7, pretrained=True)
 
 
+def test_pretrained_lookup_uses_the_models_own_default_grid_size(monkeypatch):
+    asked = []
+    monkeypatch.setattr(weights, "load_pretrained", lambda model, name, grid_size: asked.append(grid_size) or {})
+    create_model("kan_small_net", pretrained=True)  # built at grid size 4 unless told otherwise
+    create_model("kanc_mlp_medium", pretrained=True)
+    create_model("kanc_mlp_medium", grid_size=20, pretrained=True)
+    create_model("cnn_medium", pretrained=True)
+    assert asked == [4, 10, 20, None]
+
+
 def test_a_damaged_shipped_file_is_refused(tmp_path, monkeypatch):
     shutil.copytree(weights.PRETRAINED_DIR, tmp_path / "zoo")
     monkeypatch.setattr(weights, "PRETRAINED_DIR", tmp_path / "zoo")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -161,7 +160,10 @@ def model_takes_grid_size(name: str) -> bool:
 
 def default_grid_size(name: str) -> int:
     """The grid size the KAN model ``name`` is built with when none is given (10 for the paper's models)."""
-    return int(inspect.signature(model_info(name).builder).parameters["grid_size"].default)
+    grid_size = model_info(name).default_grid_size
+    if grid_size is None:
+        raise ConfigError(f"model {name!r} has no KAN layers, so it has no grid size")
+    return grid_size
 
 
 def resolved_grid_size(config: TrainConfig) -> int | None:

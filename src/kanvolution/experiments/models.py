@@ -62,6 +62,13 @@ class ModelInfo:
         return "grid_size" in inspect.signature(self.builder).parameters
 
     @property
+    def default_grid_size(self) -> int | None:
+        """The grid size the model is built with when none is given (``None`` without KAN layers)."""
+        if not self.has_kan:
+            return None
+        return int(inspect.signature(self.builder).parameters["grid_size"].default)
+
+    @property
     def description(self) -> str:
         """The layer list, from the first line of the builder's docstring."""
         return (self.builder.__doc__ or "").strip().splitlines()[0]
@@ -150,7 +157,7 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint_path: str | 
             weights.load_weights(model, checkpoint_path)
             model.pretrained_cfg = {"source": str(checkpoint_path)}
         else:
-            grid_size = kwargs.get("grid_size", DEFAULT_GRID_SIZE) if info.has_kan else None
+            grid_size = kwargs.get("grid_size", info.default_grid_size) if info.has_kan else None
             model.pretrained_cfg = weights.load_pretrained(model, name, grid_size)
         model.eval()
     return model
