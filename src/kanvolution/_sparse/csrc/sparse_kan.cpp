@@ -134,11 +134,11 @@ template <typename T>
 struct Vec64 {
   typedef T type __attribute__((vector_size(64)));
   static constexpr int lanes = 64 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
+  // The same vector with the alignment of T: unaligned loads and stores the compiler emits as
+  // single instructions (a memcpy of several vectors may go through the stack).
+  typedef T utype __attribute__((vector_size(64), aligned(alignof(T)), may_alias));
+  static type load(const T* p) { return *reinterpret_cast<const utype*>(p); }
+  static void store(T* p, const type& v) { *reinterpret_cast<utype*>(p) = v; }
 };
 
 // sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
@@ -220,6 +220,110 @@ struct TapMap {
   }
 };
 
+// Zeroed scratch aligned to 64 bytes (whole vectors never straddle two cache lines).
+template <typename T>
+struct AlignedBuf {
+  T* p = nullptr;
+  int64_t n = 0;
+  AlignedBuf() = default;
+  explicit AlignedBuf(int64_t count) { reset(count); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  ~AlignedBuf() { std::free(p); }
+  void reset(int64_t count) {
+    std::free(p);
+    n = count;
+    const size_t bytes = (size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(p != nullptr, "out of memory for a scratch buffer of ", bytes, " bytes");
+    std::fill(p, p + count, T(0));
+  }
+  T* data() { return p; }
+  const T* data() const { return p; }
+  T& operator[](int64_t i) { return p[i]; }
+};
+
+// TapMap for every kernel tap at once, as element offsets in one sample's channel-last output:
+// at[tap * L + q] = (output position of input position q through tap) * O, or -1. Built once per call.
+struct TapOffsets {
+  std::vector<int64_t> at;
+  explicit TapOffsets(const Geometry& g) : at(g.taps() * g.in_size()) {
+    const TapMap map(g);
+    std::vector<int64_t> pos(g.in_size());
+    for (int64_t a = 0, t = 0; a < g.kd; ++a)
+      for (int64_t b = 0; b < g.kh; ++b)
+        for (int64_t e = 0; e < g.kw; ++e, ++t) {
+          map.fill(g, a, b, e, pos.data());
+          for (int64_t q = 0; q < g.in_size(); ++q) at[t * g.in_size() + q] = pos[q] < 0 ? -1 : pos[q] * g.O;
+        }
+  }
+  const int64_t* tap(int64_t t, int64_t L) const { return at.data() + t * L; }
+};
+
+// Output channels [0, Og) as blocks of whole vectors: (first channel, vectors), at most max_nv
+// vectors each, as few blocks as possible of near-equal size; the Og % lanes channels left over are
+// handled apart.
+inline std::vector<std::pair<int64_t, int>> vector_blocks(int64_t Og, int64_t lanes, int max_nv) {
+  const int64_t nv = Og / lanes;
+  std::vector<std::pair<int64_t, int>> blocks;
+  if (nv == 0) return blocks;
+  const int64_t n = (nv + max_nv - 1) / max_nv;
+  for (int64_t b = 0, v = 0; b < n; ++b) {
+    const int64_t take = (nv - v) / (n - b);
+    blocks.emplace_back(v * lanes, int(take));
+    v += take;
+  }
+  return blocks;
+}
+
+// The forward's updates from one input channel to a block of NV vectors of output channels: for
+// every kernel tap and knot span, the K + 2 weight rows of the block stay in registers while the
+// span's values update their outputs. wc: the channel's packed weight at the block's first channel;
+// os: the sample's channel-last output at the block's first channel.
+template <typename T, int KC, int NV>
+inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, const SpanOrder& sorted, T* dummy,
+                            const T* __restrict__ vals, const T* __restrict__ wc, T* __restrict__ os) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t Og = g.Og, S = g.S;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    for (int64_t b = 0; b < g.kh; ++b) {
+      for (int64_t e = 0; e < g.kw; ++e) {
+        const int64_t* out_off = map.tap((a * g.kh + b) * g.kw + e, g.in_size());
+        const T* ws = wc + ((a * g.kh + b) * g.kw + e) * S * Og;
+        vec w0[NV];
+        for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
+        for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+          const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+          if (j0 == j1) continue;
+          vec wr[RMAX][NV];
+#pragma GCC unroll 17
+          for (int r = 0; r < R; ++r)
+            for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t q = sorted.order[j];
+            const int64_t p = out_off[q];
+            const T* v = vals + q * V;
+            T* op = p < 0 ? dummy : os + p;  // no branch: values feeding no output update a dummy
+            // Two independent chains, joined last: the outputs' load is off the critical path.
+            vec s[NV], t[NV];
+            for (int u = 0; u < NV; ++u) t[u] = v[0] * w0[u];
+#pragma GCC unroll 17
+            for (int r = 0; r < R; ++r)
+              for (int u = 0; u < NV; ++u) t[u] += v[1 + r] * wr[r][u];
+            for (int u = 0; u < NV; ++u) s[u] = Vc::load(op + u * LW) + t[u];
+            for (int u = 0; u < NV; ++u) Vc::store(op + u * LW, s[u]);
+          }
+        }
+      }
+    }
+  }
+}
+
 int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
   const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
   const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
@@ -240,8 +344,10 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   const int K = KC > 0 ? KC : k_rt;
   const int V = K + 2, R = K + 1;
   const int64_t L = g.in_size(), P = g.out_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const int64_t n_blocks = Og / (2 * LW), Ov = n_blocks * 2 * LW;
-  const TapMap map(g);
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t n_blocks = int64_t(blocks.size());
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
@@ -250,46 +356,22 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
     at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
-      std::vector<int64_t> out_pos(L);
+      AlignedBuf<T> dummy(4 * LW);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
-        const int64_t ob = task % n_blocks * 2 * LW;
+        const int64_t blk = task % n_blocks;
+        const int64_t ob = blocks[blk].first;
         T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
         for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
           const int64_t base = (nl * g.C + c) * L;
-          const T* vals = loc.vals.data() + base * V;
           sorted.sort(loc.row.data() + base, L);
-          for (int64_t a = 0; a < g.kd; ++a) {
-            for (int64_t b = 0; b < g.kh; ++b) {
-              for (int64_t e = 0; e < g.kw; ++e) {
-                map.fill(g, a, b, e, out_pos.data());
-                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og + ob;
-                const vec w0 = Vc::load(ws), w1 = Vc::load(ws + LW);
-                for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-                  if (sorted.start[bucket] == sorted.start[bucket + 1]) continue;
-                  vec r0[RMAX], r1[RMAX];
-                  for (int r = 0; r < R; ++r) {
-                    r0[r] = Vc::load(ws + (1 + bucket + r) * Og);
-                    r1[r] = Vc::load(ws + (1 + bucket + r) * Og + LW);
-                  }
-                  for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
-                    const int64_t q = sorted.order[j];
-                    const int64_t p = out_pos[q];
-                    if (p < 0) continue;
-                    const T* v = vals + q * V;
-                    T* op = os + p * g.O;
-                    vec s0 = Vc::load(op) + v[0] * w0, s1 = Vc::load(op + LW) + v[0] * w1;
-#pragma GCC unroll 17
-                    for (int r = 0; r < R; ++r) {
-                      s0 += v[1 + r] * r0[r];
-                      s1 += v[1 + r] * r1[r];
-                    }
-                    std::memcpy(op, &s0, sizeof s0);
-                    std::memcpy(op + LW, &s1, sizeof s1);
-                  }
-                }
-              }
-            }
+          const T* vals = loc.vals.data() + base * V;
+          const T* wc = wp + c * taps * S * Og + ob;
+          switch (blocks[blk].second) {
+            case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
           }
         }
       }
@@ -500,29 +582,6 @@ inline T lane_sum(const typename Vec64<T>::type& v) {
     for (int l = 0; l < w; ++l) t[l] += t[l + w];
   return t[0];
 }
-
-// Zeroed scratch aligned to 64 bytes (whole vectors never straddle two cache lines).
-template <typename T>
-struct AlignedBuf {
-  T* p = nullptr;
-  int64_t n = 0;
-  AlignedBuf() = default;
-  explicit AlignedBuf(int64_t count) { reset(count); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-  ~AlignedBuf() { std::free(p); }
-  void reset(int64_t count) {
-    std::free(p);
-    n = count;
-    const size_t bytes = (size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64 * 64;
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    TORCH_CHECK(p != nullptr, "out of memory for a scratch buffer of ", bytes, " bytes");
-    std::fill(p, p + count, T(0));
-  }
-  T* data() { return p; }
-  const T* data() const { return p; }
-  T& operator[](int64_t i) { return p[i]; }
-};
 
 // One input value's span (table index) and position; outside the knots (and NaN) the zero span.
 template <typename T>
