@@ -142,7 +142,8 @@ struct Vec64 {
 };
 
 // sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
-// the K + 1 rows from r0_t. Accumulated in registers, one vector per row, reduced once at the end.
+// the K + 1 rows from r0_t. Accumulated in registers, four vectors per row (independent chains:
+// output channels in groups of four vectors, then single vectors), reduced once at the end.
 template <typename T, int KC>
 inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* const* w0s, const T* const* r0s,
                      T* sums) {
@@ -150,32 +151,49 @@ inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* 
   using vec = typename V::type;
   constexpr int LW = V::lanes;
   constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  constexpr int NA = KC > 0 ? 4 : 1;  // vectors per row accumulated apart
   const int R = KC > 0 ? KC + 1 : K + 1;
-  vec a0 = {};
-  vec ar[RMAX];
-  for (int r = 0; r < RMAX; ++r) ar[r] = vec{};
+  vec a0[NA];
+  vec ar[RMAX][NA];
+  for (int u = 0; u < NA; ++u) {
+    a0[u] = vec{};
+    for (int r = 0; r < RMAX; ++r) ar[r][u] = vec{};
+  }
   T tail[kMaxOrder + 2] = {};
-  const int64_t Ov = Og / LW * LW;
+  const int64_t Ov = Og / LW * LW, O4 = Og / (NA * LW) * (NA * LW);
   for (int64_t t = 0; t < n; ++t) {
     const T* g = gs[t];
     const T* w0 = w0s[t];
     const T* r0 = r0s[t];
-    for (int64_t ob = 0; ob < Ov; ob += LW) {
-      const vec gv = V::load(g + ob);
-      a0 += gv * V::load(w0 + ob);
+    for (int64_t ob = 0; ob < O4; ob += NA * LW) {
+#pragma GCC unroll 4
+      for (int u = 0; u < NA; ++u) {
+        const vec gv = V::load(g + ob + u * LW);
+        a0[u] += gv * V::load(w0 + ob + u * LW);
 #pragma GCC unroll 17
-      for (int r = 0; r < R; ++r) ar[r] += gv * V::load(r0 + r * Og + ob);
+        for (int r = 0; r < R; ++r) ar[r][u] += gv * V::load(r0 + r * Og + ob + u * LW);
+      }
+    }
+    for (int64_t ob = O4; ob < Ov; ob += LW) {
+      const vec gv = V::load(g + ob);
+      a0[0] += gv * V::load(w0 + ob);
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r) ar[r][0] += gv * V::load(r0 + r * Og + ob);
     }
     for (int64_t o = Ov; o < Og; ++o) {
       tail[0] += g[o] * w0[o];
       for (int r = 0; r < R; ++r) tail[1 + r] += g[o] * r0[r * Og + o];
     }
   }
+  for (int u = 1; u < NA; ++u) {
+    a0[0] += a0[u];
+    for (int r = 0; r < R; ++r) ar[r][0] += ar[r][u];
+  }
   sums[0] = tail[0];
-  for (int l = 0; l < LW; ++l) sums[0] += a0[l];
+  for (int l = 0; l < LW; ++l) sums[0] += a0[0][l];
   for (int r = 0; r < R; ++r) {
     sums[1 + r] = tail[1 + r];
-    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][l];
+    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][0][l];
   }
 }
 
@@ -465,10 +483,55 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   }
 }
 
+// The weight gradient's updates of one sample, input channel and kernel tap for a block of NV
+// vectors of output channels: the sums over each knot span's values stay in registers and are added
+// to the span's K + 1 rows once (the base row once for all spans). gos: the sample's channel-last
+// output gradient at the block's first channel; ws: the gradient's rows of the tap, same channel.
+template <typename T, int KC, int NV>
+inline void grad_weight_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
+                            const T* __restrict__ vals, const T* __restrict__ gos, const T* __restrict__ zeros,
+                            T* __restrict__ ws) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  vec b[NV];
+  for (int u = 0; u < NV; ++u) b[u] = vec{};
+  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+    if (j0 == j1) continue;
+    vec acc[RMAX][NV];
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) acc[r][u] = vec{};
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t q = sorted.order[j];
+      const int64_t p = out_off[q];
+      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
+      const T* v = vals + q * V;
+      vec gv[NV];
+      for (int u = 0; u < NV; ++u) {
+        gv[u] = Vc::load(gp + u * LW);
+        b[u] += v[0] * gv[u];
+      }
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < NV; ++u) acc[r][u] += v[1 + r] * gv[u];
+    }
+    T* r0 = ws + (1 + bucket) * Og;  // rows 1 + span .. 1 + span + K
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) Vc::store(r0 + r * Og + u * LW, Vc::load(r0 + r * Og + u * LW) + acc[r][u]);
+  }
+  for (int u = 0; u < NV; ++u) Vc::store(ws + u * LW, Vc::load(ws + u * LW) + b[u]);
+}
+
 // gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
 // the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
 // span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
-// registers (two vectors of output channels at a time) and each row is written once per bucket.
+// registers (blocks of up to four vectors of output channels) and each row is written once per bucket.
 template <typename T, int KC>
 void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
                       const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
@@ -479,8 +542,9 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
   const int K = KC > 0 ? KC : k_rt;
   const int V = K + 2, R = K + 1;
   const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const int64_t Ov = Og / (2 * LW) * (2 * LW);
-  const TapMap map(g);
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
   Local<T> loc(K, chunk * g.C * L, false);
   std::fill(gw, gw + g.C * taps * S * Og, T(0));
@@ -489,7 +553,7 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
-      std::vector<int64_t> out_pos(L);
+      AlignedBuf<T> zeros(g.O);  // read for the values that feed no output through a tap
       for (int64_t c = begin; c < end; ++c) {
         const int64_t ocol = c / g.Cg * Og;
         for (int64_t nl = 0; nl < nn; ++nl) {
@@ -498,55 +562,27 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
           const T* vals = loc.vals.data() + base * V;
           const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
           sorted.sort(rows, L);
-          for (int64_t a = 0; a < g.kd; ++a) {
-            for (int64_t b = 0; b < g.kh; ++b) {
-              for (int64_t e = 0; e < g.kw; ++e) {
-                T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                map.fill(g, a, b, e, out_pos.data());
-                for (int64_t ob = 0; ob < Ov; ob += 2 * LW) {
-                  vec b0 = {}, b1 = {};
-                  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-                    vec s0[RMAX], s1[RMAX];
-                    for (int r = 0; r < R; ++r) s0[r] = s1[r] = vec{};
-                    for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
-                      const int64_t q = sorted.order[j];
-                      const int64_t p = out_pos[q];
-                      if (p < 0) continue;
-                      const T* gp = gos + p * g.O + ob;
-                      const vec g0 = Vc::load(gp), g1 = Vc::load(gp + LW);
-                      const T* v = vals + q * V;
-                      b0 += v[0] * g0;
-                      b1 += v[0] * g1;
-#pragma GCC unroll 17
-                      for (int r = 0; r < R; ++r) {
-                        s0[r] += v[1 + r] * g0;
-                        s1[r] += v[1 + r] * g1;
-                      }
-                    }
-                    T* r0 = ws + bucket * Og + ob;  // rows 1 + span .. 1 + span + K
-                    for (int r = 0; r < R; ++r) {
-                      T* row = r0 + (1 + r) * Og;
-                      const vec u0 = Vc::load(row) + s0[r], u1 = Vc::load(row + LW) + s1[r];
-                      std::memcpy(row, &u0, sizeof u0);
-                      std::memcpy(row + LW, &u1, sizeof u1);
-                    }
-                  }
-                  const vec u0 = Vc::load(ws + ob) + b0, u1 = Vc::load(ws + ob + LW) + b1;
-                  std::memcpy(ws + ob, &u0, sizeof u0);
-                  std::memcpy(ws + ob + LW, &u1, sizeof u1);
-                }
-                if (Ov == Og) continue;
-                for (int64_t q = 0; q < L; ++q) {  // the last Og % (2 * LW) output channels
-                  const int64_t p = out_pos[q];
-                  if (p < 0) continue;
-                  const T* gp = gos + p * g.O;
-                  const T* v = vals + q * V;
-                  T* r0 = ws + rows[q] * Og;
-                  for (int64_t o = Ov; o < Og; ++o) {
-                    ws[o] += v[0] * gp[o];
-                    for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
-                  }
-                }
+          for (int64_t t = 0; t < taps; ++t) {
+            T* ws = gw + (c * taps + t) * S * Og;
+            const int64_t* out_off = offsets.tap(t, L);
+            for (const auto& blk : blocks) {
+              switch (blk.second) {
+                case 4: grad_weight_tap<T, KC, 4>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                case 3: grad_weight_tap<T, KC, 3>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                case 2: grad_weight_tap<T, KC, 2>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                default: grad_weight_tap<T, KC, 1>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first);
+              }
+            }
+            if (Ov == Og) continue;
+            for (int64_t q = 0; q < L; ++q) {  // the last Og % lanes output channels
+              const int64_t p = out_off[q];
+              if (p < 0) continue;
+              const T* gp = gos + p;
+              const T* v = vals + q * V;
+              T* r0 = ws + rows[q] * Og;
+              for (int64_t o = Ov; o < Og; ++o) {
+                ws[o] += v[0] * gp[o];
+                for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
               }
             }
           }
