@@ -141,62 +141,6 @@ struct Vec64 {
   static void store(T* p, const type& v) { *reinterpret_cast<utype*>(p) = v; }
 };
 
-// sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
-// the K + 1 rows from r0_t. Accumulated in registers, four vectors per row (independent chains:
-// output channels in groups of four vectors, then single vectors), reduced once at the end.
-template <typename T, int KC>
-inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* const* w0s, const T* const* r0s,
-                     T* sums) {
-  using V = Vec64<T>;
-  using vec = typename V::type;
-  constexpr int LW = V::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  constexpr int NA = KC > 0 ? 4 : 1;  // vectors per row accumulated apart
-  const int R = KC > 0 ? KC + 1 : K + 1;
-  vec a0[NA];
-  vec ar[RMAX][NA];
-  for (int u = 0; u < NA; ++u) {
-    a0[u] = vec{};
-    for (int r = 0; r < RMAX; ++r) ar[r][u] = vec{};
-  }
-  T tail[kMaxOrder + 2] = {};
-  const int64_t Ov = Og / LW * LW, O4 = Og / (NA * LW) * (NA * LW);
-  for (int64_t t = 0; t < n; ++t) {
-    const T* g = gs[t];
-    const T* w0 = w0s[t];
-    const T* r0 = r0s[t];
-    for (int64_t ob = 0; ob < O4; ob += NA * LW) {
-#pragma GCC unroll 4
-      for (int u = 0; u < NA; ++u) {
-        const vec gv = V::load(g + ob + u * LW);
-        a0[u] += gv * V::load(w0 + ob + u * LW);
-#pragma GCC unroll 17
-        for (int r = 0; r < R; ++r) ar[r][u] += gv * V::load(r0 + r * Og + ob + u * LW);
-      }
-    }
-    for (int64_t ob = O4; ob < Ov; ob += LW) {
-      const vec gv = V::load(g + ob);
-      a0[0] += gv * V::load(w0 + ob);
-#pragma GCC unroll 17
-      for (int r = 0; r < R; ++r) ar[r][0] += gv * V::load(r0 + r * Og + ob);
-    }
-    for (int64_t o = Ov; o < Og; ++o) {
-      tail[0] += g[o] * w0[o];
-      for (int r = 0; r < R; ++r) tail[1 + r] += g[o] * r0[r * Og + o];
-    }
-  }
-  for (int u = 1; u < NA; ++u) {
-    a0[0] += a0[u];
-    for (int r = 0; r < R; ++r) ar[r][0] += ar[r][u];
-  }
-  sums[0] = tail[0];
-  for (int l = 0; l < LW; ++l) sums[0] += a0[0][l];
-  for (int r = 0; r < R; ++r) {
-    sums[1 + r] = tail[1 + r];
-    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][0][l];
-  }
-}
-
 // The positions of one channel of one sample, sorted by row (1 + knot span) with a counting sort:
 // bucket b (row 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero
 // bases and sit in the first bucket.
@@ -237,6 +181,17 @@ struct TapMap {
     }
   }
 };
+
+// Sum of a vector's lanes, pairwise (a short dependency chain, and a fixed order).
+template <typename T>
+inline T lane_sum(const typename Vec64<T>::type& v) {
+  constexpr int LW = Vec64<T>::lanes;
+  T t[LW];
+  std::memcpy(t, &v, sizeof t);
+  for (int w = LW / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
+}
 
 // Zeroed scratch aligned to 64 bytes (whole vectors never straddle two cache lines).
 template <typename T>
@@ -422,6 +377,46 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   }
 }
 
+// The input gradient's terms of one sample, input channel and kernel tap for a block of NV vectors
+// of output channels. For a value in span m, d out / dx is the block's phi'(x) = silu'(x) w0 +
+// sum_r b_r'(f) / h w_{1+m+r}: the K + 2 rows of a span stay in registers, each value forms its
+// phi' and adds its products with the output gradient to its own vector acc[q] (reduced at the end).
+template <typename T, int KC, int NV>
+inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
+                           const T* __restrict__ dvals, const T* __restrict__ gos, const T* __restrict__ zeros,
+                           const T* __restrict__ ws, T* __restrict__ acc) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  vec w0[NV];
+  for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
+  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+    if (j0 == j1) continue;
+    vec wr[RMAX][NV];
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t q = sorted.order[j];
+      const int64_t p = out_off[q];
+      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
+      const T* dv = dvals + q * V;
+      vec h[NV];
+      for (int u = 0; u < NV; ++u) h[u] = dv[0] * w0[u];
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < NV; ++u) h[u] += dv[1 + r] * wr[r][u];
+      vec a = Vc::load(acc + q * LW);
+      for (int u = 0; u < NV; ++u) a += Vc::load(gp + u * LW) * h[u];
+      Vc::store(acc + q * LW, a);
+    }
+  }
+}
+
 // grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
 template <typename T, int KC>
 void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
@@ -429,54 +424,60 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   const int K = KC > 0 ? KC : k_rt;
   const int V = K + 2;
   const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  using Vc = Vec64<T>;
+  constexpr int LW = Vc::lanes;
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
   Local<T> loc(K, chunk * g.C * L, true);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // One task per input row of one channel: (n, c, d, h).
-    at::parallel_for(0, nn * g.C * g.D * g.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const T*> gps(taps), w0s(taps), r0s(taps);
-      std::vector<int64_t> tap_od, tap_oh;  // valid (tap, output index) pairs of this row
-      T sums[kMaxOrder + 2];
+    // One task per channel of one sample: (n, c).
+    at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      AlignedBuf<T> zeros(g.O), acc(L * LW);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t h = task % g.H, d = task / g.H % g.D, c = task / (g.H * g.D) % g.C;
-        const int64_t nl = task / (g.H * g.D * g.C);
-        const int64_t ocol = c / g.Cg * Og;
-        tap_od.clear();
-        tap_oh.clear();
-        for (int64_t a = 0; a < g.kd; ++a) {
-          const int64_t t = d - a * g.dd;
-          if (t >= 0 && t % g.sd == 0 && t / g.sd < g.Do) tap_od.insert(tap_od.end(), {a, t / g.sd});
+        const int64_t nl = task / g.C, c = task % g.C;
+        const int64_t base = task * L;  // (nl * C + c) * L
+        const int32_t* rows = loc.row.data() + base;
+        const T* dvals = loc.dvals.data() + base * V;
+        const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
+        const T* wc = wp + c * taps * S * Og;
+        sorted.sort(rows, L);
+        std::fill(acc.data(), acc.data() + L * LW, T(0));
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t* out_off = offsets.tap(t, L);
+          const T* ws = wc + t * S * Og;
+          for (const auto& blk : blocks) {
+            const int64_t ob = blk.first;
+            switch (blk.second) {
+              case 4: grad_input_tap<T, KC, 4>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              case 3: grad_input_tap<T, KC, 3>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              case 2: grad_input_tap<T, KC, 2>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              default: grad_input_tap<T, KC, 1>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data());
+            }
+          }
         }
-        for (int64_t b = 0; b < g.kh; ++b) {
-          const int64_t t = h - b * g.dh;
-          if (t >= 0 && t % g.sh == 0 && t / g.sh < g.Ho) tap_oh.insert(tap_oh.end(), {b, t / g.sh});
-        }
-        const int64_t in_row = task;  // ((nl * C + c) * D + d) * H + h
-        T* gxrow = gx + ((n0 * g.C) * g.D * g.H + in_row) * g.W;
-        for (int64_t w = 0; w < g.W; ++w) {
-          const int64_t i = in_row * g.W + w;
-          const int32_t r = loc.row[i];
-          int64_t n_taps = 0;
-          for (size_t ia = 0; ia < tap_od.size(); ia += 2) {
-            for (size_t ib = 0; ib < tap_oh.size(); ib += 2) {
-              const int64_t a = tap_od[ia], od = tap_od[ia + 1], b = tap_oh[ib], oh = tap_oh[ib + 1];
-              for (int64_t e = 0; e < g.kw; ++e) {
-                const int64_t t = w - e * g.dw;
-                if (t < 0 || t % g.sw != 0 || t / g.sw >= g.Wo) continue;
-                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                gps[n_taps] = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
-                w0s[n_taps] = ws;
-                r0s[n_taps++] = ws + r * Og;
+        T* gxc = gx + (n0 * g.C * L) + base;
+        for (int64_t q = 0; q < L; ++q) {
+          T total = lane_sum<T>(Vc::load(acc.data() + q * LW));
+          if (Ov < Og) {  // the last Og % lanes output channels
+            const T* dv = dvals + q * V;
+            for (int64_t t = 0; t < taps; ++t) {
+              const int64_t p = offsets.tap(t, L)[q];
+              if (p < 0) continue;
+              const T* ws = wc + t * S * Og;
+              const T* r0 = ws + rows[q] * Og;
+              for (int64_t o = Ov; o < Og; ++o) {
+                T h = dv[0] * ws[o];
+                for (int r = 0; r < K + 1; ++r) h += dv[1 + r] * r0[r * Og + o];
+                total += gos[p + o] * h;
               }
             }
           }
-          dot_taps<T, KC>(K, Og, n_taps, gps.data(), w0s.data(), r0s.data(), sums);
-          const T* dv = loc.dvals.data() + i * V;
-          T total = T(0);
-          for (int s = 0; s < V; ++s) total += dv[s] * sums[s];
-          gxrow[w] = total;
+          gxc[q] = total;
         }
       }
     });
@@ -607,17 +608,6 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
 // channel-last outputs (oh, w - kw + 1 .. w) in memory order: one contiguous block. Outputs (and
 // output gradients) are then kept in a per-thread scratch with kw - 1 extra columns on each side.
 // Other geometries scatter (gather) tap by tap. silu(x) and its derivative come precomputed.
-
-// Sum of a vector's lanes, pairwise (a short dependency chain, and a fixed order).
-template <typename T>
-inline T lane_sum(const typename Vec64<T>::type& v) {
-  constexpr int LW = Vec64<T>::lanes;
-  T t[LW];
-  std::memcpy(t, &v, sizeof t);
-  for (int w = LW / 2; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) t[l] += t[l + w];
-  return t[0];
-}
 
 // One input value's span (table index) and position; outside the knots (and NaN) the zero span.
 template <typename T>
