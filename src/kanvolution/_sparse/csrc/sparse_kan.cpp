@@ -134,50 +134,12 @@ template <typename T>
 struct Vec64 {
   typedef T type __attribute__((vector_size(64)));
   static constexpr int lanes = 64 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
+  // The same vector with the alignment of T: unaligned loads and stores the compiler emits as
+  // single instructions (a memcpy of several vectors may go through the stack).
+  typedef T utype __attribute__((vector_size(64), aligned(alignof(T)), may_alias));
+  static type load(const T* p) { return *reinterpret_cast<const utype*>(p); }
+  static void store(T* p, const type& v) { *reinterpret_cast<utype*>(p) = v; }
 };
-
-// sums[s] = sum over the n taps t and o of g_t[o] * (row s of tap t)[o], for the base row w0_t and
-// the K + 1 rows from r0_t. Accumulated in registers, one vector per row, reduced once at the end.
-template <typename T, int KC>
-inline void dot_taps(int K, int64_t Og, int64_t n, const T* const* gs, const T* const* w0s, const T* const* r0s,
-                     T* sums) {
-  using V = Vec64<T>;
-  using vec = typename V::type;
-  constexpr int LW = V::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int R = KC > 0 ? KC + 1 : K + 1;
-  vec a0 = {};
-  vec ar[RMAX];
-  for (int r = 0; r < RMAX; ++r) ar[r] = vec{};
-  T tail[kMaxOrder + 2] = {};
-  const int64_t Ov = Og / LW * LW;
-  for (int64_t t = 0; t < n; ++t) {
-    const T* g = gs[t];
-    const T* w0 = w0s[t];
-    const T* r0 = r0s[t];
-    for (int64_t ob = 0; ob < Ov; ob += LW) {
-      const vec gv = V::load(g + ob);
-      a0 += gv * V::load(w0 + ob);
-#pragma GCC unroll 17
-      for (int r = 0; r < R; ++r) ar[r] += gv * V::load(r0 + r * Og + ob);
-    }
-    for (int64_t o = Ov; o < Og; ++o) {
-      tail[0] += g[o] * w0[o];
-      for (int r = 0; r < R; ++r) tail[1 + r] += g[o] * r0[r * Og + o];
-    }
-  }
-  sums[0] = tail[0];
-  for (int l = 0; l < LW; ++l) sums[0] += a0[l];
-  for (int r = 0; r < R; ++r) {
-    sums[1 + r] = tail[1 + r];
-    for (int l = 0; l < LW; ++l) sums[1 + r] += ar[r][l];
-  }
-}
 
 // The positions of one channel of one sample, sorted by row (1 + knot span) with a counting sort:
 // bucket b (row 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero
@@ -220,276 +182,6 @@ struct TapMap {
   }
 };
 
-int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
-  const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
-  const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
-  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per_sample));
-}
-
-// out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
-// Output channels in blocks of two vectors: one task per (sample, group, block). The positions of a
-// channel are bucketed by knot span; for one tap, every value of a bucket reads the same K + 2
-// weight rows, which stay in registers while the bucket's outputs are updated.
-template <typename T, int KC>
-void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp, const Geometry& g,
-                  int k_rt, int64_t n_knots, T* out) {
-  using Vc = Vec64<T>;
-  using vec = typename Vc::type;
-  constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  const int64_t L = g.in_size(), P = g.out_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const int64_t n_blocks = Og / (2 * LW), Ov = n_blocks * 2 * LW;
-  const TapMap map(g);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
-  Local<T> loc(K, chunk * g.C * L, false);
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
-    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
-      SpanOrder sorted(n_knots - 1, L);
-      std::vector<int64_t> out_pos(L);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
-        const int64_t ob = task % n_blocks * 2 * LW;
-        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
-        for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
-          const int64_t base = (nl * g.C + c) * L;
-          const T* vals = loc.vals.data() + base * V;
-          sorted.sort(loc.row.data() + base, L);
-          for (int64_t a = 0; a < g.kd; ++a) {
-            for (int64_t b = 0; b < g.kh; ++b) {
-              for (int64_t e = 0; e < g.kw; ++e) {
-                map.fill(g, a, b, e, out_pos.data());
-                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og + ob;
-                const vec w0 = Vc::load(ws), w1 = Vc::load(ws + LW);
-                for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-                  if (sorted.start[bucket] == sorted.start[bucket + 1]) continue;
-                  vec r0[RMAX], r1[RMAX];
-                  for (int r = 0; r < R; ++r) {
-                    r0[r] = Vc::load(ws + (1 + bucket + r) * Og);
-                    r1[r] = Vc::load(ws + (1 + bucket + r) * Og + LW);
-                  }
-                  for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
-                    const int64_t q = sorted.order[j];
-                    const int64_t p = out_pos[q];
-                    if (p < 0) continue;
-                    const T* v = vals + q * V;
-                    T* op = os + p * g.O;
-                    vec s0 = Vc::load(op) + v[0] * w0, s1 = Vc::load(op + LW) + v[0] * w1;
-#pragma GCC unroll 17
-                    for (int r = 0; r < R; ++r) {
-                      s0 += v[1 + r] * r0[r];
-                      s1 += v[1 + r] * r1[r];
-                    }
-                    std::memcpy(op, &s0, sizeof s0);
-                    std::memcpy(op + LW, &s1, sizeof s1);
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-    });
-    if (Ov == Og) continue;
-    // The last Og % (2 * LW) output channels of each group: value by value over output rows.
-    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
-        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const int64_t ocol = c / g.Cg * Og;
-          for (int64_t a = 0; a < g.kd; ++a) {
-            for (int64_t b = 0; b < g.kh; ++b) {
-              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
-              const T* vrow = loc.vals.data() + in_row * g.W * V;
-              const int32_t* rrow = loc.row.data() + in_row * g.W;
-              for (int64_t e = 0; e < g.kw; ++e) {
-                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                for (int64_t ow = 0; ow < g.Wo; ++ow) {
-                  const int64_t w = ow * g.sw + e * g.dw;
-                  axpy_rows<T, KC>(K, Ov, Og, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O + ocol);
-                }
-              }
-            }
-          }
-        }
-      }
-    });
-  }
-}
-
-// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
-template <typename T, int KC>
-void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
-                     const Geometry& g, int k_rt, int64_t n_knots, T* gx) {
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2;
-  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
-  Local<T> loc(K, chunk * g.C * L, true);
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // One task per input row of one channel: (n, c, d, h).
-    at::parallel_for(0, nn * g.C * g.D * g.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const T*> gps(taps), w0s(taps), r0s(taps);
-      std::vector<int64_t> tap_od, tap_oh;  // valid (tap, output index) pairs of this row
-      T sums[kMaxOrder + 2];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t h = task % g.H, d = task / g.H % g.D, c = task / (g.H * g.D) % g.C;
-        const int64_t nl = task / (g.H * g.D * g.C);
-        const int64_t ocol = c / g.Cg * Og;
-        tap_od.clear();
-        tap_oh.clear();
-        for (int64_t a = 0; a < g.kd; ++a) {
-          const int64_t t = d - a * g.dd;
-          if (t >= 0 && t % g.sd == 0 && t / g.sd < g.Do) tap_od.insert(tap_od.end(), {a, t / g.sd});
-        }
-        for (int64_t b = 0; b < g.kh; ++b) {
-          const int64_t t = h - b * g.dh;
-          if (t >= 0 && t % g.sh == 0 && t / g.sh < g.Ho) tap_oh.insert(tap_oh.end(), {b, t / g.sh});
-        }
-        const int64_t in_row = task;  // ((nl * C + c) * D + d) * H + h
-        T* gxrow = gx + ((n0 * g.C) * g.D * g.H + in_row) * g.W;
-        for (int64_t w = 0; w < g.W; ++w) {
-          const int64_t i = in_row * g.W + w;
-          const int32_t r = loc.row[i];
-          int64_t n_taps = 0;
-          for (size_t ia = 0; ia < tap_od.size(); ia += 2) {
-            for (size_t ib = 0; ib < tap_oh.size(); ib += 2) {
-              const int64_t a = tap_od[ia], od = tap_od[ia + 1], b = tap_oh[ib], oh = tap_oh[ib + 1];
-              for (int64_t e = 0; e < g.kw; ++e) {
-                const int64_t t = w - e * g.dw;
-                if (t < 0 || t % g.sw != 0 || t / g.sw >= g.Wo) continue;
-                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                gps[n_taps] = go + ((((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo + t / g.sw) * g.O + ocol;
-                w0s[n_taps] = ws;
-                r0s[n_taps++] = ws + r * Og;
-              }
-            }
-          }
-          dot_taps<T, KC>(K, Og, n_taps, gps.data(), w0s.data(), r0s.data(), sums);
-          const T* dv = loc.dvals.data() + i * V;
-          T total = T(0);
-          for (int s = 0; s < V; ++s) total += dv[s] * sums[s];
-          gxrow[w] = total;
-        }
-      }
-    });
-  }
-}
-
-// gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
-// the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
-// span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
-// registers (two vectors of output channels at a time) and each row is written once per bucket.
-template <typename T, int KC>
-void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
-                      const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
-  using Vc = Vec64<T>;
-  using vec = typename Vc::type;
-  constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const int64_t Ov = Og / (2 * LW) * (2 * LW);
-  const TapMap map(g);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
-  Local<T> loc(K, chunk * g.C * L, false);
-  std::fill(gw, gw + g.C * taps * S * Og, T(0));
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-      SpanOrder sorted(n_knots - 1, L);
-      std::vector<int64_t> out_pos(L);
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t ocol = c / g.Cg * Og;
-        for (int64_t nl = 0; nl < nn; ++nl) {
-          const int64_t base = (nl * g.C + c) * L;
-          const int32_t* rows = loc.row.data() + base;
-          const T* vals = loc.vals.data() + base * V;
-          const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
-          sorted.sort(rows, L);
-          for (int64_t a = 0; a < g.kd; ++a) {
-            for (int64_t b = 0; b < g.kh; ++b) {
-              for (int64_t e = 0; e < g.kw; ++e) {
-                T* ws = gw + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
-                map.fill(g, a, b, e, out_pos.data());
-                for (int64_t ob = 0; ob < Ov; ob += 2 * LW) {
-                  vec b0 = {}, b1 = {};
-                  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-                    vec s0[RMAX], s1[RMAX];
-                    for (int r = 0; r < R; ++r) s0[r] = s1[r] = vec{};
-                    for (int64_t j = sorted.start[bucket]; j < sorted.start[bucket + 1]; ++j) {
-                      const int64_t q = sorted.order[j];
-                      const int64_t p = out_pos[q];
-                      if (p < 0) continue;
-                      const T* gp = gos + p * g.O + ob;
-                      const vec g0 = Vc::load(gp), g1 = Vc::load(gp + LW);
-                      const T* v = vals + q * V;
-                      b0 += v[0] * g0;
-                      b1 += v[0] * g1;
-#pragma GCC unroll 17
-                      for (int r = 0; r < R; ++r) {
-                        s0[r] += v[1 + r] * g0;
-                        s1[r] += v[1 + r] * g1;
-                      }
-                    }
-                    T* r0 = ws + bucket * Og + ob;  // rows 1 + span .. 1 + span + K
-                    for (int r = 0; r < R; ++r) {
-                      T* row = r0 + (1 + r) * Og;
-                      const vec u0 = Vc::load(row) + s0[r], u1 = Vc::load(row + LW) + s1[r];
-                      std::memcpy(row, &u0, sizeof u0);
-                      std::memcpy(row + LW, &u1, sizeof u1);
-                    }
-                  }
-                  const vec u0 = Vc::load(ws + ob) + b0, u1 = Vc::load(ws + ob + LW) + b1;
-                  std::memcpy(ws + ob, &u0, sizeof u0);
-                  std::memcpy(ws + ob + LW, &u1, sizeof u1);
-                }
-                if (Ov == Og) continue;
-                for (int64_t q = 0; q < L; ++q) {  // the last Og % (2 * LW) output channels
-                  const int64_t p = out_pos[q];
-                  if (p < 0) continue;
-                  const T* gp = gos + p * g.O;
-                  const T* v = vals + q * V;
-                  T* r0 = ws + rows[q] * Og;
-                  for (int64_t o = Ov; o < Og; ++o) {
-                    ws[o] += v[0] * gp[o];
-                    for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-    });
-  }
-}
-
-// ---- Narrow layers: vectorised over (kernel tap, output channel) per input value ------------------
-//
-// With few output channels per group, vectors over output channels are mostly empty. These kernels
-// instead evaluate, for one input value, all of its phi (every kernel tap and output channel) as
-// lanes of vectors, from per-span tables in power form built by kanvolution._sparse:
-//   P[c][m][i][lane]  (m = 0 .. n_spans, i = 0 .. K): coefficient of f^i of the spline part of phi
-//                     in span m; span n_spans is all zero (values outside the knots, and NaN);
-//   Dt[c][m][i][lane] (i = 0 .. K - 1): the derivative in x, (i + 1) P[c][m][i + 1][lane] inv_h[c];
-//   Wb[c][lane]: the base weights.
-// Lanes: kernel row (a, b) (kd * kh of them) owns Lb lanes (kw * Og rounded up to whole 64-byte
-// vectors; padding lanes zero): lane e' * Og + o is tap (a, b, kw - 1 - e') and output channel o, so
-// that with groups == 1, horizontal stride 1 and dilation 1 the lanes of one kernel row are the
-// channel-last outputs (oh, w - kw + 1 .. w) in memory order: one contiguous block. Outputs (and
-// output gradients) are then kept in a per-thread scratch with kw - 1 extra columns on each side.
-// Other geometries scatter (gather) tap by tap. silu(x) and its derivative come precomputed.
-
 // Sum of a vector's lanes, pairwise (a short dependency chain, and a fixed order).
 template <typename T>
 inline T lane_sum(const typename Vec64<T>::type& v) {
@@ -523,6 +215,399 @@ struct AlignedBuf {
   const T* data() const { return p; }
   T& operator[](int64_t i) { return p[i]; }
 };
+
+// TapMap for every kernel tap at once, as element offsets in one sample's channel-last output:
+// at[tap * L + q] = (output position of input position q through tap) * O, or -1. Built once per call.
+struct TapOffsets {
+  std::vector<int64_t> at;
+  explicit TapOffsets(const Geometry& g) : at(g.taps() * g.in_size()) {
+    const TapMap map(g);
+    std::vector<int64_t> pos(g.in_size());
+    for (int64_t a = 0, t = 0; a < g.kd; ++a)
+      for (int64_t b = 0; b < g.kh; ++b)
+        for (int64_t e = 0; e < g.kw; ++e, ++t) {
+          map.fill(g, a, b, e, pos.data());
+          for (int64_t q = 0; q < g.in_size(); ++q) at[t * g.in_size() + q] = pos[q] < 0 ? -1 : pos[q] * g.O;
+        }
+  }
+  const int64_t* tap(int64_t t, int64_t L) const { return at.data() + t * L; }
+};
+
+// Output channels [0, Og) as blocks of whole vectors: (first channel, vectors), at most max_nv
+// vectors each, as few blocks as possible of near-equal size; the Og % lanes channels left over are
+// handled apart.
+inline std::vector<std::pair<int64_t, int>> vector_blocks(int64_t Og, int64_t lanes, int max_nv) {
+  const int64_t nv = Og / lanes;
+  std::vector<std::pair<int64_t, int>> blocks;
+  if (nv == 0) return blocks;
+  const int64_t n = (nv + max_nv - 1) / max_nv;
+  for (int64_t b = 0, v = 0; b < n; ++b) {
+    const int64_t take = (nv - v) / (n - b);
+    blocks.emplace_back(v * lanes, int(take));
+    v += take;
+  }
+  return blocks;
+}
+
+// The forward's updates from one input channel to a block of NV vectors of output channels: for
+// every kernel tap and knot span, the K + 2 weight rows of the block stay in registers while the
+// span's values update their outputs. wc: the channel's packed weight at the block's first channel;
+// os: the sample's channel-last output at the block's first channel.
+template <typename T, int KC, int NV>
+inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, const SpanOrder& sorted, T* dummy,
+                            const T* __restrict__ vals, const T* __restrict__ wc, T* __restrict__ os) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t Og = g.Og, S = g.S;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    for (int64_t b = 0; b < g.kh; ++b) {
+      for (int64_t e = 0; e < g.kw; ++e) {
+        const int64_t* out_off = map.tap((a * g.kh + b) * g.kw + e, g.in_size());
+        const T* ws = wc + ((a * g.kh + b) * g.kw + e) * S * Og;
+        vec w0[NV];
+        for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
+        for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+          const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+          if (j0 == j1) continue;
+          vec wr[RMAX][NV];
+#pragma GCC unroll 17
+          for (int r = 0; r < R; ++r)
+            for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
+          for (int64_t j = j0; j < j1; ++j) {
+            const int64_t q = sorted.order[j];
+            const int64_t p = out_off[q];
+            const T* v = vals + q * V;
+            T* op = p < 0 ? dummy : os + p;  // no branch: values feeding no output update a dummy
+            // Two independent chains, joined last: the outputs' load is off the critical path.
+            vec s[NV], t[NV];
+            for (int u = 0; u < NV; ++u) t[u] = v[0] * w0[u];
+#pragma GCC unroll 17
+            for (int r = 0; r < R; ++r)
+              for (int u = 0; u < NV; ++u) t[u] += v[1 + r] * wr[r][u];
+            for (int u = 0; u < NV; ++u) s[u] = Vc::load(op + u * LW) + t[u];
+            for (int u = 0; u < NV; ++u) Vc::store(op + u * LW, s[u]);
+          }
+        }
+      }
+    }
+  }
+}
+
+int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
+  const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
+  const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
+  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per_sample));
+}
+
+// out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
+// Output channels in blocks of two vectors: one task per (sample, group, block). The positions of a
+// channel are bucketed by knot span; for one tap, every value of a bucket reads the same K + 2
+// weight rows, which stay in registers while the bucket's outputs are updated.
+template <typename T, int KC>
+void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp, const Geometry& g,
+                  int k_rt, int64_t n_knots, T* out) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t L = g.in_size(), P = g.out_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t n_blocks = int64_t(blocks.size());
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
+    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      AlignedBuf<T> dummy(4 * LW);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
+        const int64_t blk = task % n_blocks;
+        const int64_t ob = blocks[blk].first;
+        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+        for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
+          const int64_t base = (nl * g.C + c) * L;
+          sorted.sort(loc.row.data() + base, L);
+          const T* vals = loc.vals.data() + base * V;
+          const T* wc = wp + c * taps * S * Og + ob;
+          switch (blocks[blk].second) {
+            case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+            default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+          }
+        }
+      }
+    });
+    if (Ov == Og) continue;
+    // The last Og % (2 * LW) output channels of each group: value by value over output rows.
+    at::parallel_for(0, nn * g.Do * g.Ho, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / (g.Do * g.Ho), od = task / g.Ho % g.Do, oh = task % g.Ho;
+        T* orow = out + (((n0 + nl) * g.Do + od) * g.Ho + oh) * g.Wo * g.O;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const int64_t ocol = c / g.Cg * Og;
+          for (int64_t a = 0; a < g.kd; ++a) {
+            for (int64_t b = 0; b < g.kh; ++b) {
+              const int64_t in_row = ((nl * g.C + c) * g.D + od * g.sd + a * g.dd) * g.H + oh * g.sh + b * g.dh;
+              const T* vrow = loc.vals.data() + in_row * g.W * V;
+              const int32_t* rrow = loc.row.data() + in_row * g.W;
+              for (int64_t e = 0; e < g.kw; ++e) {
+                const T* ws = wp + ((c * taps + (a * g.kh + b) * g.kw + e) * S) * Og;
+                for (int64_t ow = 0; ow < g.Wo; ++ow) {
+                  const int64_t w = ow * g.sw + e * g.dw;
+                  axpy_rows<T, KC>(K, Ov, Og, Og, vrow + w * V, ws, ws + rrow[w] * Og, orow + ow * g.O + ocol);
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// The input gradient's terms of one sample, input channel and kernel tap for a block of NV vectors
+// of output channels. For a value in span m, d out / dx is the block's phi'(x) = silu'(x) w0 +
+// sum_r b_r'(f) / h w_{1+m+r}: the K + 2 rows of a span stay in registers, each value forms its
+// phi' and adds its products with the output gradient to its own vector acc[q] (reduced at the end).
+template <typename T, int KC, int NV>
+inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
+                           const T* __restrict__ dvals, const T* __restrict__ gos, const T* __restrict__ zeros,
+                           const T* __restrict__ ws, T* __restrict__ acc) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  vec w0[NV];
+  for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
+  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+    if (j0 == j1) continue;
+    vec wr[RMAX][NV];
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t q = sorted.order[j];
+      const int64_t p = out_off[q];
+      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
+      const T* dv = dvals + q * V;
+      vec h[NV];
+      for (int u = 0; u < NV; ++u) h[u] = dv[0] * w0[u];
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < NV; ++u) h[u] += dv[1 + r] * wr[r][u];
+      vec a = Vc::load(acc + q * LW);
+      for (int u = 0; u < NV; ++u) a += Vc::load(gp + u * LW) * h[u];
+      Vc::store(acc + q * LW, a);
+    }
+  }
+}
+
+// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
+template <typename T, int KC>
+void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
+                     const Geometry& g, int k_rt, int64_t n_knots, T* gx) {
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  using Vc = Vec64<T>;
+  constexpr int LW = Vc::lanes;
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
+  Local<T> loc(K, chunk * g.C * L, true);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    // One task per channel of one sample: (n, c).
+    at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      AlignedBuf<T> zeros(g.O), acc(L * LW);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t nl = task / g.C, c = task % g.C;
+        const int64_t base = task * L;  // (nl * C + c) * L
+        const int32_t* rows = loc.row.data() + base;
+        const T* dvals = loc.dvals.data() + base * V;
+        const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
+        const T* wc = wp + c * taps * S * Og;
+        sorted.sort(rows, L);
+        std::fill(acc.data(), acc.data() + L * LW, T(0));
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t* out_off = offsets.tap(t, L);
+          const T* ws = wc + t * S * Og;
+          for (const auto& blk : blocks) {
+            const int64_t ob = blk.first;
+            switch (blk.second) {
+              case 4: grad_input_tap<T, KC, 4>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              case 3: grad_input_tap<T, KC, 3>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              case 2: grad_input_tap<T, KC, 2>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
+              default: grad_input_tap<T, KC, 1>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data());
+            }
+          }
+        }
+        T* gxc = gx + (n0 * g.C * L) + base;
+        for (int64_t q = 0; q < L; ++q) {
+          T total = lane_sum<T>(Vc::load(acc.data() + q * LW));
+          if (Ov < Og) {  // the last Og % lanes output channels
+            const T* dv = dvals + q * V;
+            for (int64_t t = 0; t < taps; ++t) {
+              const int64_t p = offsets.tap(t, L)[q];
+              if (p < 0) continue;
+              const T* ws = wc + t * S * Og;
+              const T* r0 = ws + rows[q] * Og;
+              for (int64_t o = Ov; o < Og; ++o) {
+                T h = dv[0] * ws[o];
+                for (int r = 0; r < K + 1; ++r) h += dv[1 + r] * r0[r * Og + o];
+                total += gos[p + o] * h;
+              }
+            }
+          }
+          gxc[q] = total;
+        }
+      }
+    });
+  }
+}
+
+// The weight gradient's updates of one sample, input channel and kernel tap for a block of NV
+// vectors of output channels: the sums over each knot span's values stay in registers and are added
+// to the span's K + 1 rows once (the base row once for all spans). gos: the sample's channel-last
+// output gradient at the block's first channel; ws: the gradient's rows of the tap, same channel.
+template <typename T, int KC, int NV>
+inline void grad_weight_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
+                            const T* __restrict__ vals, const T* __restrict__ gos, const T* __restrict__ zeros,
+                            T* __restrict__ ws) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  vec b[NV];
+  for (int u = 0; u < NV; ++u) b[u] = vec{};
+  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+    if (j0 == j1) continue;
+    vec acc[RMAX][NV];
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) acc[r][u] = vec{};
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t q = sorted.order[j];
+      const int64_t p = out_off[q];
+      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
+      const T* v = vals + q * V;
+      vec gv[NV];
+      for (int u = 0; u < NV; ++u) {
+        gv[u] = Vc::load(gp + u * LW);
+        b[u] += v[0] * gv[u];
+      }
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < NV; ++u) acc[r][u] += v[1 + r] * gv[u];
+    }
+    T* r0 = ws + (1 + bucket) * Og;  // rows 1 + span .. 1 + span + K
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) Vc::store(r0 + r * Og + u * LW, Vc::load(r0 + r * Og + u * LW) + acc[r][u]);
+  }
+  for (int u = 0; u < NV; ++u) Vc::store(ws + u * LW, Vc::load(ws + u * LW) + b[u]);
+}
+
+// gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
+// the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
+// span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
+// registers (blocks of up to four vectors of output channels) and each row is written once per bucket.
+template <typename T, int KC>
+void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
+                      const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
+  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
+  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
+  const TapOffsets offsets(g);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  Local<T> loc(K, chunk * g.C * L, false);
+  std::fill(gw, gw + g.C * taps * S * Og, T(0));
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t nn = std::min(chunk, g.N - n0);
+    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+      SpanOrder sorted(n_knots - 1, L);
+      AlignedBuf<T> zeros(g.O);  // read for the values that feed no output through a tap
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t ocol = c / g.Cg * Og;
+        for (int64_t nl = 0; nl < nn; ++nl) {
+          const int64_t base = (nl * g.C + c) * L;
+          const int32_t* rows = loc.row.data() + base;
+          const T* vals = loc.vals.data() + base * V;
+          const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
+          sorted.sort(rows, L);
+          for (int64_t t = 0; t < taps; ++t) {
+            T* ws = gw + (c * taps + t) * S * Og;
+            const int64_t* out_off = offsets.tap(t, L);
+            for (const auto& blk : blocks) {
+              switch (blk.second) {
+                case 4: grad_weight_tap<T, KC, 4>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                case 3: grad_weight_tap<T, KC, 3>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                case 2: grad_weight_tap<T, KC, 2>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
+                default: grad_weight_tap<T, KC, 1>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first);
+              }
+            }
+            if (Ov == Og) continue;
+            for (int64_t q = 0; q < L; ++q) {  // the last Og % lanes output channels
+              const int64_t p = out_off[q];
+              if (p < 0) continue;
+              const T* gp = gos + p;
+              const T* v = vals + q * V;
+              T* r0 = ws + rows[q] * Og;
+              for (int64_t o = Ov; o < Og; ++o) {
+                ws[o] += v[0] * gp[o];
+                for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
+              }
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// ---- Narrow layers: vectorised over (kernel tap, output channel) per input value ------------------
+//
+// With few output channels per group, vectors over output channels are mostly empty. These kernels
+// instead evaluate, for one input value, all of its phi (every kernel tap and output channel) as
+// lanes of vectors, from per-span tables in power form built by kanvolution._sparse:
+//   P[c][m][i][lane]  (m = 0 .. n_spans, i = 0 .. K): coefficient of f^i of the spline part of phi
+//                     in span m; span n_spans is all zero (values outside the knots, and NaN);
+//   Dt[c][m][i][lane] (i = 0 .. K - 1): the derivative in x, (i + 1) P[c][m][i + 1][lane] inv_h[c];
+//   Wb[c][lane]: the base weights.
+// Lanes: kernel row (a, b) (kd * kh of them) owns Lb lanes (kw * Og rounded up to whole 64-byte
+// vectors; padding lanes zero): lane e' * Og + o is tap (a, b, kw - 1 - e') and output channel o, so
+// that with groups == 1, horizontal stride 1 and dilation 1 the lanes of one kernel row are the
+// channel-last outputs (oh, w - kw + 1 .. w) in memory order: one contiguous block. Outputs (and
+// output gradients) are then kept in a per-thread scratch with kw - 1 extra columns on each side.
+// Other geometries scatter (gather) tap by tap. silu(x) and its derivative come precomputed.
 
 // One input value's span (table index) and position; outside the knots (and NaN) the zero span.
 template <typename T>
