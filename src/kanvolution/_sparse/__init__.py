@@ -281,7 +281,12 @@ class _Conv:
 
     def pack(self, weight: Tensor):
         """The weight as the kernels take it: packed (wide kernels) or their tables (narrow)."""
-        return pack_weight(weight, self.x.shape[1], self.groups, self.K).contiguous()
+        c, og = self.x.shape[1], self.weight_shape[0] // self.groups
+        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+        packed = weight.new_empty((c, taps, self.n_knots + self.K, og))
+        # One pass in C++ (what pack_weight computes, without its temporaries).
+        _ops().pack(weight.reshape(weight.shape[0], weight.shape[1], taps).contiguous(), self.groups, self.K, packed)
+        return packed
 
     def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True):
         """:meth:`pack`, and for the narrow kernels the tables (the power form for the forward, the

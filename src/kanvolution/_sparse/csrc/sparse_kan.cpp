@@ -1211,9 +1211,56 @@ void narrow_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
   });
 }
 
+// The combined weight (O, C/groups * slots, taps) to the packed (C, taps, slots + 2K, O/groups) in one
+// pass (see pack_weight in __init__.py): row 0 the base weight, rows 1..K zero, row K + s basis s - 1
+// for s = 1..slots - 1, then K zero rows. Blocks of 16 output channels, each reading its rows' contiguous
+// (slot, tap) block of channel c.
+template <typename T>
+void pack_impl(const T* w, T* out, int64_t C, int64_t groups, int64_t slots, int64_t taps, int64_t og, int64_t K) {
+  const int64_t cg = C / groups, S = slots + 2 * K, o_stride = cg * slots * taps;
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const T* src = w + ((c / cg) * og * cg + c % cg) * slots * taps;
+      T* dst_c = out + c * taps * S * og;
+      for (int64_t u = 0; u < taps; ++u) {
+        T* d = dst_c + u * S * og;
+        std::fill(d + og, d + (1 + K) * og, T(0));
+        std::fill(d + (K + slots) * og, d + S * og, T(0));
+      }
+      for (int64_t o0 = 0; o0 < og; o0 += kBlock) {
+        const int64_t o1 = std::min(og, o0 + kBlock);
+        for (int64_t s = 0; s < slots; ++s) {
+          const int64_t row = s == 0 ? 0 : K + s;
+          for (int64_t u = 0; u < taps; ++u) {
+            T* d = dst_c + (u * S + row) * og;
+            const T* a = src + s * taps + u;
+            for (int64_t o = o0; o < o1; ++o) d[o] = a[o * o_stride];
+          }
+        }
+      }
+    }
+  });
+}
+
+void pack(const at::Tensor& weight, int64_t groups, int64_t K, const at::Tensor& out) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble, "weight must be float32 or float64");
+  check_cpu(weight, weight, "weight", 3);
+  check_cpu(out, weight, "out", 4);
+  const int64_t C = out.size(0), taps = out.size(1), S = out.size(2), og = out.size(3);
+  const int64_t slots = S - 2 * K;
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && slots >= 1 && weight.size(0) == og * groups &&
+                  weight.size(1) == C / groups * slots && weight.size(2) == taps,
+              "pack: weight ", weight.sizes(), " does not match out ", out.sizes(), " with groups ", groups, ", K ", K);
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "kanvolution_sparse_pack", [&] {
+    pack_impl<scalar_t>(weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, groups, slots, taps, og, K);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kanvolution_sparse, m) {
+  m.def("pack(Tensor weight, int groups, int K, Tensor(a!) out) -> ()", &pack);
   m.def("forward(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, int n_knots, "
         "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &forward);
