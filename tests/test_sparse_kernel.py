@@ -221,6 +221,18 @@ def test_pack_unpack_round_trip():
     assert torch.equal(_sparse.unpack_weight(packed, w.shape, 2, 2), w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("o, c, groups, order, kernel", [
+    (6, 6, 2, 2, (2, 3)), (5, 1, 1, 3, (3, 3)), (40, 8, 4, 1, (3,)), (3, 4, 1, 4, (1, 2, 2)), (17, 5, 1, 3, (1,)),
+])
+def test_compiled_pack_equals_pack_weight(o, c, groups, order, kernel, dtype):
+    slots = 7 + order + 1  # G = 7
+    w = torch.randn(o, c // groups * slots, *kernel, dtype=dtype)
+    t0, inv_h = (t.to(dtype) for t in _sparse.knot_params(KF.uniform_knots(7, order, channels=c, dtype=F64)))
+    conv = _sparse._Conv(torch.zeros(1, c, *[4] * len(kernel), dtype=dtype), t0, inv_h, w.shape, order, 1, 1, groups)
+    assert torch.equal(conv.pack(w), _sparse.pack_weight(w, c, groups, order))
+
+
 def test_bad_input_raises():
     grid = KF.uniform_knots(5, 3, channels=2)
     weight = torch.randn(4, 2 * 9, 3, 3)
