@@ -671,7 +671,7 @@ def plot_accuracy_vs_params(
     ours = grouped(run_dirs, ("val", "last"))
     if not ours:
         return None
-    fig = Figure(figsize=(7.5, 4.5))
+    fig = Figure(figsize=(7.5, 5.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if dataset == "fashion-mnist":
@@ -690,7 +690,7 @@ def plot_accuracy_vs_params(
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{dataset}: accuracy against parameters")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: keeps points clear
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return ours
