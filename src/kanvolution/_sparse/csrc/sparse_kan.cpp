@@ -1257,10 +1257,52 @@ void pack(const at::Tensor& weight, int64_t groups, int64_t K, const at::Tensor&
   });
 }
 
+// The inverse of pack_impl (the zero rows dropped): a packed (C, taps, slots + 2K, O/groups) gradient
+// to the combined layout (O, C/groups * slots, taps), in one pass over blocks of 16 output channels.
+template <typename T>
+void unpack_impl(const T* packed, T* w, int64_t C, int64_t groups, int64_t slots, int64_t taps, int64_t og,
+                 int64_t K) {
+  const int64_t cg = C / groups, S = slots + 2 * K, o_stride = cg * slots * taps;
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      T* dst = w + ((c / cg) * og * cg + c % cg) * slots * taps;
+      const T* src_c = packed + c * taps * S * og;
+      for (int64_t o0 = 0; o0 < og; o0 += kBlock) {
+        const int64_t o1 = std::min(og, o0 + kBlock);
+        for (int64_t s = 0; s < slots; ++s) {
+          const int64_t row = s == 0 ? 0 : K + s;
+          for (int64_t u = 0; u < taps; ++u) {
+            const T* a = src_c + (u * S + row) * og;
+            T* d = dst + s * taps + u;
+            for (int64_t o = o0; o < o1; ++o) d[o * o_stride] = a[o];
+          }
+        }
+      }
+    }
+  });
+}
+
+void unpack(const at::Tensor& packed, int64_t groups, int64_t K, const at::Tensor& out) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kDouble,
+              "packed must be float32 or float64");
+  check_cpu(packed, packed, "packed", 4);
+  check_cpu(out, packed, "out", 3);
+  const int64_t C = packed.size(0), taps = packed.size(1), S = packed.size(2), og = packed.size(3);
+  const int64_t slots = S - 2 * K;
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && slots >= 1 && out.size(0) == og * groups &&
+                  out.size(1) == C / groups * slots && out.size(2) == taps,
+              "unpack: packed ", packed.sizes(), " does not match out ", out.sizes(), " with groups ", groups, ", K ", K);
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "kanvolution_sparse_unpack", [&] {
+    unpack_impl<scalar_t>(packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, groups, slots, taps, og, K);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kanvolution_sparse, m) {
   m.def("pack(Tensor weight, int groups, int K, Tensor(a!) out) -> ()", &pack);
+  m.def("unpack(Tensor packed, int groups, int K, Tensor(a!) out) -> ()", &unpack);
   m.def("forward(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, int n_knots, "
         "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &forward);
