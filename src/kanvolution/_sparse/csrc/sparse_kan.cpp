@@ -35,6 +35,10 @@ namespace {
 constexpr int kMaxOrder = 16;
 // The local form of the input is built batch chunk by batch chunk, each under this many bytes.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
+// The forward reads a channel's packed rows once for a set of up to kSampleSet samples whose
+// outputs (one block of output channels) fit in kSetBytes, so that they stay in cache together.
+constexpr int64_t kSampleSet = 8;
+constexpr int64_t kSetBytes = int64_t(512) << 10;
 
 struct Geometry {
   int64_t N, C, D, H, W;  // padded input
@@ -327,24 +331,35 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
-    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
+    // rows are read once per set, while they are in cache, instead of once per sample. Each
+    // output's sum keeps its order (channels, taps, spans), whatever the sets.
+    const int64_t per_set = g.groups * n_blocks;
+    const int64_t block_bytes = std::max<int64_t>(1, P * (blocks.empty() ? 1 : blocks[0].second) * 64);
+    int64_t ns = std::max<int64_t>(1, std::min<int64_t>({kSampleSet, nn, kSetBytes / block_bytes}));
+    while (ns > 1 && (nn + ns - 1) / ns * per_set < at::get_num_threads()) --ns;
+    const int64_t n_sets = (nn + ns - 1) / ns;
+    at::parallel_for(0, n_sets * per_set, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> dummy(4 * LW);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
+        const int64_t set = task / per_set, gr = task / n_blocks % g.groups;
         const int64_t blk = task % n_blocks;
         const int64_t ob = blocks[blk].first;
-        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+        const int64_t s0 = set * ns, s1 = std::min(nn, s0 + ns);
         for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
-          const int64_t base = (nl * g.C + c) * L;
-          sorted.sort(loc.row.data() + base, L);
-          const T* vals = loc.vals.data() + base * V;
           const T* wc = wp + c * taps * S * Og + ob;
-          switch (blocks[blk].second) {
-            case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+          for (int64_t nl = s0; nl < s1; ++nl) {
+            T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+            const int64_t base = (nl * g.C + c) * L;
+            sorted.sort(loc.row.data() + base, L);
+            const T* vals = loc.vals.data() + base * V;
+            switch (blocks[blk].second) {
+              case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+            }
           }
         }
       }
@@ -434,13 +449,14 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // One task per channel of one sample: (n, c).
+    // One task per channel of one sample, channel-major: (c, n). The tasks of one thread that read
+    // the same channel's packed rows follow each other, so the rows stay in cache between them.
     at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> zeros(g.O), acc(L * LW);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / g.C, c = task % g.C;
-        const int64_t base = task * L;  // (nl * C + c) * L
+        const int64_t nl = task % nn, c = task / nn;
+        const int64_t base = (nl * g.C + c) * L;
         const int32_t* rows = loc.row.data() + base;
         const T* dvals = loc.dvals.data() + base * V;
         const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
