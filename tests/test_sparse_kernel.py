@@ -1,6 +1,8 @@
 """The sparse CPU kernels against the dense fused path, the reference loop and gradcheck."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,6 +233,20 @@ def test_compiled_pack_equals_pack_weight(o, c, groups, order, kernel, dtype):
     t0, inv_h = (t.to(dtype) for t in _sparse.knot_params(KF.uniform_knots(7, order, channels=c, dtype=F64)))
     conv = _sparse._Conv(torch.zeros(1, c, *[4] * len(kernel), dtype=dtype), t0, inv_h, w.shape, order, 1, 1, groups)
     assert torch.equal(conv.pack(w), _sparse.pack_weight(w, c, groups, order))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("o, c, groups, order, kernel", [
+    (6, 6, 2, 2, (2, 3)), (5, 1, 1, 3, (3, 3)), (40, 8, 4, 1, (3,)), (3, 4, 1, 4, (1, 2, 2)), (17, 5, 1, 3, (1,)),
+])
+def test_compiled_unpack_equals_unpack_weight(o, c, groups, order, kernel, dtype):
+    slots = 7 + order + 1  # G = 7
+    taps = math.prod(kernel)
+    packed = torch.randn(c, taps, slots + 2 * order, o // groups, dtype=dtype)
+    shape = (o, c // groups * slots, *kernel)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    _sparse._ops().unpack(packed, groups, order, out.view(o, -1, taps))
+    assert torch.equal(out, _sparse.unpack_weight(packed, shape, groups, order))
 
 
 def test_bad_input_raises():

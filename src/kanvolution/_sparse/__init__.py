@@ -358,7 +358,10 @@ class _Conv:
             return self.backward(grad_out, prepared, self.x.shape, need_x=False)[1]
         packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
         _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
-        return unpack_weight(packed, self.weight_shape, self.groups, self.K)
+        # One pass in C++ (what unpack_weight computes, without its temporaries).
+        out = self.x.new_empty(self.weight_shape)
+        _ops().unpack(packed, self.groups, self.K, out.view(self.weight_shape[0], self.weight_shape[1], taps))
+        return out
 
 
 def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,

@@ -35,6 +35,10 @@ namespace {
 constexpr int kMaxOrder = 16;
 // The local form of the input is built batch chunk by batch chunk, each under this many bytes.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
+// The forward reads a channel's packed rows once for a set of up to kSampleSet samples whose
+// outputs (one block of output channels) fit in kSetBytes, so that they stay in cache together.
+constexpr int64_t kSampleSet = 8;
+constexpr int64_t kSetBytes = int64_t(512) << 10;
 
 struct Geometry {
   int64_t N, C, D, H, W;  // padded input
@@ -327,24 +331,35 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
-    at::parallel_for(0, nn * g.groups * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
+    // rows are read once per set, while they are in cache, instead of once per sample. Each
+    // output's sum keeps its order (channels, taps, spans), whatever the sets.
+    const int64_t per_set = g.groups * n_blocks;
+    const int64_t block_bytes = std::max<int64_t>(1, P * (blocks.empty() ? 1 : blocks[0].second) * 64);
+    int64_t ns = std::max<int64_t>(1, std::min<int64_t>({kSampleSet, nn, kSetBytes / block_bytes}));
+    while (ns > 1 && (nn + ns - 1) / ns * per_set < at::get_num_threads()) --ns;
+    const int64_t n_sets = (nn + ns - 1) / ns;
+    at::parallel_for(0, n_sets * per_set, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> dummy(4 * LW);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / (g.groups * n_blocks), gr = task / n_blocks % g.groups;
+        const int64_t set = task / per_set, gr = task / n_blocks % g.groups;
         const int64_t blk = task % n_blocks;
         const int64_t ob = blocks[blk].first;
-        T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+        const int64_t s0 = set * ns, s1 = std::min(nn, s0 + ns);
         for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
-          const int64_t base = (nl * g.C + c) * L;
-          sorted.sort(loc.row.data() + base, L);
-          const T* vals = loc.vals.data() + base * V;
           const T* wc = wp + c * taps * S * Og + ob;
-          switch (blocks[blk].second) {
-            case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-            default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+          for (int64_t nl = s0; nl < s1; ++nl) {
+            T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+            const int64_t base = (nl * g.C + c) * L;
+            sorted.sort(loc.row.data() + base, L);
+            const T* vals = loc.vals.data() + base * V;
+            switch (blocks[blk].second) {
+              case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
+              default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+            }
           }
         }
       }
@@ -434,13 +449,14 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // One task per channel of one sample: (n, c).
+    // One task per channel of one sample, channel-major: (c, n). The tasks of one thread that read
+    // the same channel's packed rows follow each other, so the rows stay in cache between them.
     at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> zeros(g.O), acc(L * LW);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task / g.C, c = task % g.C;
-        const int64_t base = task * L;  // (nl * C + c) * L
+        const int64_t nl = task % nn, c = task / nn;
+        const int64_t base = (nl * g.C + c) * L;
         const int32_t* rows = loc.row.data() + base;
         const T* dvals = loc.dvals.data() + base * V;
         const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
@@ -1257,10 +1273,52 @@ void pack(const at::Tensor& weight, int64_t groups, int64_t K, const at::Tensor&
   });
 }
 
+// The inverse of pack_impl (the zero rows dropped): a packed (C, taps, slots + 2K, O/groups) gradient
+// to the combined layout (O, C/groups * slots, taps), in one pass over blocks of 16 output channels.
+template <typename T>
+void unpack_impl(const T* packed, T* w, int64_t C, int64_t groups, int64_t slots, int64_t taps, int64_t og,
+                 int64_t K) {
+  const int64_t cg = C / groups, S = slots + 2 * K, o_stride = cg * slots * taps;
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      T* dst = w + ((c / cg) * og * cg + c % cg) * slots * taps;
+      const T* src_c = packed + c * taps * S * og;
+      for (int64_t o0 = 0; o0 < og; o0 += kBlock) {
+        const int64_t o1 = std::min(og, o0 + kBlock);
+        for (int64_t s = 0; s < slots; ++s) {
+          const int64_t row = s == 0 ? 0 : K + s;
+          for (int64_t u = 0; u < taps; ++u) {
+            const T* a = src_c + (u * S + row) * og;
+            T* d = dst + s * taps + u;
+            for (int64_t o = o0; o < o1; ++o) d[o * o_stride] = a[o];
+          }
+        }
+      }
+    }
+  });
+}
+
+void unpack(const at::Tensor& packed, int64_t groups, int64_t K, const at::Tensor& out) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kDouble,
+              "packed must be float32 or float64");
+  check_cpu(packed, packed, "packed", 4);
+  check_cpu(out, packed, "out", 3);
+  const int64_t C = packed.size(0), taps = packed.size(1), S = packed.size(2), og = packed.size(3);
+  const int64_t slots = S - 2 * K;
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && slots >= 1 && out.size(0) == og * groups &&
+                  out.size(1) == C / groups * slots && out.size(2) == taps,
+              "unpack: packed ", packed.sizes(), " does not match out ", out.sizes(), " with groups ", groups, ", K ", K);
+  AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "kanvolution_sparse_unpack", [&] {
+    unpack_impl<scalar_t>(packed.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), C, groups, slots, taps, og, K);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kanvolution_sparse, m) {
   m.def("pack(Tensor weight, int groups, int K, Tensor(a!) out) -> ()", &pack);
+  m.def("unpack(Tensor packed, int groups, int K, Tensor(a!) out) -> ()", &unpack);
   m.def("forward(Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, int n_knots, "
         "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &forward);
