@@ -254,6 +254,7 @@ class _Conv:
         if self.kernel_kind not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)} or None, got {kernel!r}")
         self.x = _as_5d(x, self.ndim).contiguous()
+        self._sx = None  # silu(x), see _silu
         self.t0, self.inv_h = t0.contiguous(), inv_h.contiguous()
         self.weight_shape = tuple(weight_shape)
         self.K, self.groups = spline_order, groups
@@ -279,8 +280,8 @@ class _Conv:
     def narrow(self) -> bool:
         return self.kernel_kind == "narrow"
 
-    def pack(self, weight: Tensor):
-        """The weight as the kernels take it: packed (wide kernels) or their tables (narrow)."""
+    def pack(self, weight: Tensor) -> Tensor:
+        """The combined weight packed ``(C, taps, G+3K+1, O/groups)``, what :func:`pack_weight` gives."""
         c, og = self.x.shape[1], self.weight_shape[0] // self.groups
         taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
         packed = weight.new_empty((c, taps, self.n_knots + self.K, og))
@@ -295,9 +296,18 @@ class _Conv:
         return _Narrow(packed, self, derivative, forward) if self.narrow else packed
 
     def _silu(self) -> Tensor:
-        if getattr(self, "_sx", None) is None:
+        if self._sx is None:  # computed once, shared by the narrow forward and backward
             self._sx = torch.nn.functional.silu(self.x)
         return self._sx
+
+    def _unpack(self, packed: Tensor) -> Tensor:
+        """A packed weight gradient to the combined layout, in one compiled pass (what
+        :func:`unpack_weight` computes, without its temporaries)."""
+        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+        out = self.x.new_empty(self.weight_shape)
+        _ops().unpack(packed.contiguous(), self.groups, self.K,
+                      out.view(self.weight_shape[0], self.weight_shape[1], taps))
+        return out
 
     def forward(self, prepared, channels_last: bool = True) -> Tensor:
         """``(N, O, *out_spatial)`` with channels-last strides; the narrow kernels also write the
@@ -338,8 +348,7 @@ class _Conv:
                                prepared.Dt if need_x else empty, prepared.Wb, *self.geometry(), gx, gw)
         grad_w = None
         if need_w:
-            packed = _from_lanes(gw, self.kernel, self.weight_shape[0] // self.groups).transpose(1, 2)
-            grad_w = unpack_weight(packed, self.weight_shape, self.groups, self.K)
+            grad_w = self._unpack(_from_lanes(gw, self.kernel, self.weight_shape[0] // self.groups).transpose(1, 2))
         return (gx.reshape(shape) if need_x else None), grad_w
 
     def grad_input(self, grad_out: Tensor, prepared, shape: torch.Size) -> Tensor:
@@ -358,10 +367,7 @@ class _Conv:
             return self.backward(grad_out, prepared, self.x.shape, need_x=False)[1]
         packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
         _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
-        # One pass in C++ (what unpack_weight computes, without its temporaries).
-        out = self.x.new_empty(self.weight_shape)
-        _ops().unpack(packed, self.groups, self.K, out.view(self.weight_shape[0], self.weight_shape[1], taps))
-        return out
+        return self._unpack(packed)
 
 
 def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,
