@@ -212,7 +212,9 @@ def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_or
         act = _activation_callable(base_activation)
         out = dense_kan(x, grid, weight, basis, spline_order, act, stride, dilation, groups)
     else:
-        out = kan_forward(x.movedim(1, -1).contiguous(), grid, weight, basis, spline_order, name, list(stride),
+        # The op takes x as (N, *S, C); a view, not a copy: the sparse kernels read it channels-first
+        # (the layout it has here), the dense path makes it contiguous itself.
+        out = kan_forward(x.movedim(1, -1), grid, weight, basis, spline_order, name, list(stride),
                           list(dilation), groups, channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * len(stride))

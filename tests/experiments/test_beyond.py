@@ -41,15 +41,19 @@ def recipe(tiny):
 # Models
 
 
-def test_small_nets_are_registered_with_matched_parameter_counts():
-    assert {"kan_small_net", "cnn_small_net_matched"} <= set(list_models("*small_net*"))
-    kan = count_parameters(create_model("kan_small_net"))
-    cnn = count_parameters(create_model("cnn_small_net_matched"))
+BEYOND_PAIRS = [("kan_small_net", "cnn_small_net_matched"), ("kan_bottleneck_net", "cnn_bottleneck_net_matched")]
+
+
+@pytest.mark.parametrize("kan_name, cnn_name", BEYOND_PAIRS)
+def test_small_nets_are_registered_with_matched_parameter_counts(kan_name, cnn_name):
+    assert {kan_name, cnn_name} <= set(list_models())
+    kan = count_parameters(create_model(kan_name))
+    cnn = count_parameters(create_model(cnn_name))
     assert kan <= 100_000
     assert abs(cnn - kan) / kan <= 0.10, (kan, cnn)
 
 
-@pytest.mark.parametrize("name", ["kan_small_net", "cnn_small_net_matched"])
+@pytest.mark.parametrize("name", [name for pair in BEYOND_PAIRS for name in pair])
 def test_small_nets_forward_and_backward(name):
     model = create_model(name)
     x = torch.rand(4, 1, 28, 28) * 2 - 1
@@ -72,6 +76,28 @@ def test_kan_small_net_layers_and_grid_ranges():
     names = list(model.layers._modules)
     for index in (2, 3, 4):
         assert names[names.index(f"conv{index}") - 1] == f"bn{index - 1}"
+
+
+def test_kan_bottleneck_net_has_no_fixed_activation_and_residual_blocks():
+    from kanvolution.experiments.models import Bottleneck
+
+    model = create_model("kan_bottleneck_net", grid_size=5)
+    convs = [m for m in model.modules() if isinstance(m, KANConv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 24)] + [(15, 15)] * 4
+    assert all(c.grid_size == 5 and c.padding == (1, 1) for c in convs)
+    assert [tuple(c.grid_range) for c in convs] == [(-1.0, 1.0)] + [(-2.0, 2.0)] * 4
+    inside_kan = {id(m) for conv in convs for m in conv.modules()}  # the phi's own SiLU base term
+    activations = (torch.nn.ReLU, torch.nn.SiLU, torch.nn.GELU)
+    assert not any(isinstance(m, activations) for m in model.modules() if id(m) not in inside_kan)
+    assert model.paper_name == "KAN bottleneck net (gs = 5)"
+    cnn = create_model("cnn_bottleneck_net_matched")
+    assert sum(isinstance(m, Bottleneck) for m in model.modules()) == 4
+    assert sum(isinstance(m, Bottleneck) for m in cnn.modules()) == 4
+    # The residual path: a block whose body gives zero passes its input through.
+    block = next(m for m in model.modules() if isinstance(m, Bottleneck))
+    torch.nn.init.zeros_(block.body[-1].weight)
+    x = torch.randn(2, 32, 14, 14)
+    assert torch.equal(block.eval()(x), x)
 
 
 def test_default_grid_size_of_a_run_is_the_models_own(recipe):

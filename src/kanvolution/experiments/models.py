@@ -38,6 +38,8 @@ __all__ = [
     "ckan_bn",
     "kan_small_net",
     "cnn_small_net_matched",
+    "kan_bottleneck_net",
+    "cnn_bottleneck_net_matched",
 ]
 
 DEFAULT_GRID_SIZE = 10
@@ -405,6 +407,92 @@ def cnn_small_net_matched() -> ZooModel:
     """
     layers = _small_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _SMALL_NET_CNN_WIDTHS)
     return ZooModel(layers, paper_name=paper_name("cnn_small_net_matched"))
+
+
+# Residual bottleneck networks: a 3x3 stem and pooling to 14x14, then stages at 14x14, 7x7 and
+# 3x3 of residual blocks ``x + BN(1x1(f(BN(1x1(x)))))`` whose 3x3 convolution f works on a few
+# ("mid") channels of a wider stream. The KAN net spends its parameters on 3x3 KAN convs of 15
+# channels (81 parameters per channel pair at grid size 4) and keeps the stream wide with 1x1
+# convolutions; it has no fixed activation, its only non-linearity is the KAN convs' phi. The CNN
+# has the same layout with a ReLU after each inner BatchNorm and 40 mid channels.
+_BOTTLENECK_STEM = 24
+_BOTTLENECK_WIDTHS = (32, 64, 128)  # the stream at 14x14, 7x7 and 3x3
+_BOTTLENECK_BLOCKS = (1, 2, 1)
+_BOTTLENECK_KAN_MID = 15
+_BOTTLENECK_CNN_MID = 40  # about the KAN net's parameter count (within 10%)
+
+
+class Bottleneck(nn.Module):
+    """``x + BN(conv1x1(act(BN(conv3x3(act(BN(conv1x1(x))))))))``, the 3x3 convolution on ``mid`` channels.
+
+    Args:
+        width: channels of the input and output.
+        mid: channels of the inner 3x3 convolution.
+        conv: ``conv(mid, mid)`` builds the inner 3x3 convolution (size-preserving).
+        act: builds the activations after the inner BatchNorms (``[]``: none).
+    """
+
+    def __init__(self, width: int, mid: int, conv: Callable[[int, int], nn.Module],
+                 act: Callable[[], list[nn.Module]]) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, mid, 1, bias=False), nn.BatchNorm2d(mid), *act(),
+            conv(mid, mid), nn.BatchNorm2d(mid), *act(),
+            nn.Conv2d(mid, width, 1, bias=False), nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def _bottleneck_net(
+    conv: Callable[[int, int], nn.Module], act: Callable[[], list[nn.Module]], mid: int
+) -> list[tuple[str, nn.Module]]:
+    """``conv(1, stem)``, pool, BN, ``act()``; per stage: [pool], 1x1 projection, BN, bottleneck
+    blocks; global average pooling, ``Linear(widths[-1], 10)``."""
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", conv(1, _BOTTLENECK_STEM)), ("pool1", nn.MaxPool2d(2)), ("bn1", nn.BatchNorm2d(_BOTTLENECK_STEM)),
+        *[(f"{type(m).__name__.lower()}1", m) for m in act()],
+    ]
+    channels = _BOTTLENECK_STEM
+    for stage, (width, blocks) in enumerate(zip(_BOTTLENECK_WIDTHS, _BOTTLENECK_BLOCKS), start=2):
+        if stage > 2:
+            layers.append((f"pool{stage}", nn.MaxPool2d(2)))
+        layers += [(f"proj{stage}", nn.Conv2d(channels, width, 1, bias=False)), (f"bn{stage}", nn.BatchNorm2d(width))]
+        layers += [(f"block{stage}_{i}", Bottleneck(width, mid, conv, act)) for i in range(1, blocks + 1)]
+        channels = width
+    return layers + [("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc1", nn.Linear(channels, 10))]
+
+
+@register_model("KAN bottleneck net")
+def kan_bottleneck_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->24, pool, BN; stages of 32 (14x14), 64 (7x7), 128 (3x3) channels of 1, 2, 1 residual blocks 1x1 -> KAN conv 15->15 -> 1x1; GAP, Linear 128->10.
+
+    Every KAN conv is 3x3 with padding 1; the stem sees the images in ``[-1, 1]`` (the default
+    grid range), the blocks' KAN convs follow a BatchNorm and use the grid range ``(-2, 2)`` unless
+    ``kan_options`` give one. No fixed activation anywhere. ``kan_options`` go to every KAN conv.
+    """
+
+    def conv(in_channels: int, out_channels: int) -> KANConv2d:
+        options = {"padding": 1, "grid_size": grid_size, **kan_options}
+        if in_channels > 1:
+            options.setdefault("grid_range", SMALL_NET_GRID_RANGE)
+        return KANConv2d(in_channels, out_channels, 3, **options)
+
+    layers = _bottleneck_net(conv, lambda: [], _BOTTLENECK_KAN_MID)
+    return ZooModel(layers, paper_name=paper_name("kan_bottleneck_net", grid_size))
+
+
+@register_model("CNN bottleneck net (matched)")
+def cnn_bottleneck_net_matched() -> ZooModel:
+    """Conv 1->24, pool, BN, ReLU; stages of 32, 64, 128 channels of 1, 2, 1 residual blocks 1x1 -> conv 40->40 -> 1x1 (BN, ReLU inside); GAP, Linear 128->10.
+
+    The layout of :func:`kan_bottleneck_net` with plain 3x3 convolutions, a ReLU after the stem's
+    and each block's inner BatchNorms, and 40 instead of 15 inner channels, so that its parameter
+    count is within 10% of the KAN net's at grid size 4.
+    """
+    layers = _bottleneck_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _BOTTLENECK_CNN_MID)
+    return ZooModel(layers, paper_name=paper_name("cnn_bottleneck_net_matched"))
 
 
 # Layer options of every basis family with as many parameters per phi as the paper's B-splines

@@ -18,6 +18,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/sigmoid.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -73,31 +75,63 @@ struct Local {
     if (derivative) dvals.resize(n_values * V);
   }
 
+  // The local form of n_rows rows of L values (row nc is channel nc % C). The sigmoid of the chunk
+  // comes from one vectorised ATen pass; the rest runs on blocks of kBlock values whose spans,
+  // positions and bases are computed as arrays (vectorised) and then interleaved into vals / dvals.
+  template <int KC>
   void build(const T* x, const T* t0, const T* inv_h, const T* coef, const T* dcoef, int64_t n_rows,
              int64_t C, int64_t L, int64_t n_knots) {
+    constexpr int kBlock = 64;
+    constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+    const int Kb = KC > 0 ? KC : K;
     const T n_spans = static_cast<T>(n_knots - 1);
     const bool derivative = !dvals.empty();
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    const at::Tensor sig_t = at::sigmoid(at::from_blob(const_cast<T*>(x), {n_rows * L}, options));
+    const T* sig = sig_t.data_ptr<T>();
+    const T nan = std::numeric_limits<T>::quiet_NaN();
     at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) T f_[kBlock], in_[kBlock], b_[RMAX][kBlock], d_[RMAX][kBlock];
+      alignas(64) int32_t m_[kBlock];
       for (int64_t nc = begin; nc < end; ++nc) {
         const int64_t c = nc % C;
         const T a = t0[c], s = inv_h[c];
-        for (int64_t l = nc * L; l < (nc + 1) * L; ++l) {
-          const T xv = x[l];
-          const T u = (xv - a) * s;
-          const bool inside = u >= T(0) && u < n_spans;  // false for NaN
-          const T uu = inside ? u : T(0);
-          const int32_t m = static_cast<int32_t>(uu);  // floor, as uu >= 0
-          const T f = uu - static_cast<T>(m);
-          const T sig = T(1) / (T(1) + std::exp(-xv));
-          T* v = vals.data() + l * V;
-          // +-inf: NaN, as the dense path's bases of an infinite value are NaN.
-          v[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : xv * sig;
-          for (int r = 0; r <= K; ++r) v[1 + r] = inside ? horner(coef + r * (K + 1), K + 1, f) : T(0);
-          row[l] = 1 + m;
+        for (int64_t l0 = nc * L; l0 < (nc + 1) * L; l0 += kBlock) {
+          const int nb = static_cast<int>(std::min<int64_t>(kBlock, (nc + 1) * L - l0));
+          const T* xb = x + l0;
+          for (int i = 0; i < nb; ++i) {
+            const T u = (xb[i] - a) * s;
+            const bool inside = u >= T(0) && u < n_spans;  // false for NaN
+            const T uu = inside ? u : T(0);
+            const int32_t m = static_cast<int32_t>(uu);  // floor, as uu >= 0
+            f_[i] = uu - static_cast<T>(m);
+            in_[i] = inside ? T(1) : T(0);
+            m_[i] = m;
+          }
+          for (int r = 0; r <= Kb; ++r) {
+            const T* cr = coef + r * (Kb + 1);
+            for (int i = 0; i < nb; ++i) b_[r][i] = in_[i] * horner(cr, Kb + 1, f_[i]);
+          }
           if (derivative) {
-            T* dv = dvals.data() + l * V;
-            dv[0] = std::isinf(xv) ? std::numeric_limits<T>::quiet_NaN() : sig * (T(1) + xv * (T(1) - sig));
-            for (int r = 0; r <= K; ++r) dv[1 + r] = inside ? horner(dcoef + r * K, K, f) * s : T(0);
+            for (int r = 0; r <= Kb; ++r) {
+              const T* cr = dcoef + r * Kb;
+              for (int i = 0; i < nb; ++i) d_[r][i] = in_[i] * (horner(cr, Kb, f_[i]) * s);
+            }
+          }
+          T* v = vals.data() + l0 * V;
+          for (int i = 0; i < nb; ++i, v += V) {
+            // +-inf: NaN, as the dense path's bases of an infinite value are NaN.
+            v[0] = std::isinf(xb[i]) ? nan : xb[i] * sig[l0 + i];
+            for (int r = 0; r <= Kb; ++r) v[1 + r] = b_[r][i];
+            row[l0 + i] = 1 + m_[i];
+          }
+          if (derivative) {
+            T* dv = dvals.data() + l0 * V;
+            for (int i = 0; i < nb; ++i, dv += V) {
+              const T sg = sig[l0 + i];
+              dv[0] = std::isinf(xb[i]) ? nan : sg * (T(1) + xb[i] * (T(1) - sg));
+              for (int r = 0; r <= Kb; ++r) dv[1 + r] = d_[r][i];
+            }
           }
         }
       }
@@ -329,7 +363,7 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
     // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
     // rows are read once per set, while they are in cache, instead of once per sample. Each
@@ -448,7 +482,7 @@ void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const
   Local<T> loc(K, chunk * g.C * L, true);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     // One task per channel of one sample, channel-major: (c, n). The tasks of one thread that read
     // the same channel's packed rows follow each other, so the rows stay in cache between them.
     at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
@@ -567,7 +601,7 @@ void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, cons
   std::fill(gw, gw + g.C * taps * S * Og, T(0));
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
-    loc.build(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
+    loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
     at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> zeros(g.O);  // read for the values that feed no output through a tap
