@@ -362,6 +362,20 @@ SMALL_NET_GRID_SIZE = 4
 SMALL_NET_GRID_RANGE = (-2.0, 2.0)  # inputs after BatchNorm: about 95% of them lie inside
 
 
+def _same_kan_conv(grid_size: int, kan_options: dict[str, Any]) -> Callable[[int, int], KANConv2d]:
+    """``conv(in, out)``: a 3x3 KAN conv with padding 1; on the image (one input channel) the
+    default grid range ``[-1, 1]``, after a BatchNorm :data:`SMALL_NET_GRID_RANGE` unless
+    ``kan_options`` give one."""
+
+    def conv(in_channels: int, out_channels: int) -> KANConv2d:
+        options = {"padding": 1, "grid_size": grid_size, **kan_options}
+        if in_channels > 1:
+            options.setdefault("grid_range", SMALL_NET_GRID_RANGE)
+        return KANConv2d(in_channels, out_channels, 3, **options)
+
+    return conv
+
+
 def _small_net(
     conv: Callable[[int, int], nn.Module], after_norm: Callable[[], list[nn.Module]], widths: tuple[int, ...]
 ) -> list[tuple[str, nn.Module]]:
@@ -388,13 +402,7 @@ def kan_small_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any) -> Z
     ``kan_options`` give one. ``kan_options`` go to every KAN conv.
     """
 
-    def conv(in_channels: int, out_channels: int) -> KANConv2d:
-        options = {"padding": 1, "grid_size": grid_size, **kan_options}
-        if in_channels > 1:
-            options.setdefault("grid_range", SMALL_NET_GRID_RANGE)
-        return KANConv2d(in_channels, out_channels, 3, **options)
-
-    layers = _small_net(conv, lambda: [], _SMALL_NET_WIDTHS)
+    layers = _small_net(_same_kan_conv(grid_size, kan_options), lambda: [], _SMALL_NET_WIDTHS)
     return ZooModel(layers, paper_name=paper_name("kan_small_net", grid_size))
 
 
@@ -473,13 +481,7 @@ def kan_bottleneck_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any)
     ``kan_options`` give one. No fixed activation anywhere. ``kan_options`` go to every KAN conv.
     """
 
-    def conv(in_channels: int, out_channels: int) -> KANConv2d:
-        options = {"padding": 1, "grid_size": grid_size, **kan_options}
-        if in_channels > 1:
-            options.setdefault("grid_range", SMALL_NET_GRID_RANGE)
-        return KANConv2d(in_channels, out_channels, 3, **options)
-
-    layers = _bottleneck_net(conv, lambda: [], _BOTTLENECK_KAN_MID)
+    layers = _bottleneck_net(_same_kan_conv(grid_size, kan_options), lambda: [], _BOTTLENECK_KAN_MID)
     return ZooModel(layers, paper_name=paper_name("kan_bottleneck_net", grid_size))
 
 
