@@ -7,7 +7,11 @@ Inductor runs with ``reorder_for_peak_memory`` off (:data:`kanvolution.ops.kan.C
 on, torch 2.13 zeroes the gradients of the convolutions before a max-pool in models such as
 ``conv_kan_small``. ``--default-options`` compiles with inductor's defaults instead.
 
-Usage: python benchmarks/compile_zoo.py [--threads N] [--default-options] [--out benchmarks/compile_zoo.json]
+Usage: python benchmarks/compile_zoo.py [--threads N] [--default-options] [--models NAME ...]
+[--out benchmarks/compile_zoo.json]
+
+``--models`` compiles only those models and replaces their rows in ``--out`` (the other rows stay,
+when the file was written with the same torch and options).
 """
 from __future__ import annotations
 
@@ -57,17 +61,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--default-options", action="store_true", help="inductor's default settings")
     parser.add_argument("--out", default="benchmarks/compile_zoo.json")
+    parser.add_argument("--models", nargs="+", metavar="NAME", help="only these models (default: the whole zoo)")
     args = parser.parse_args()
     options = {} if args.default_options else COMPILE_OPTIONS
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
-    for name in list_models():
+    if args.models:
+        try:
+            with open(args.out) as f:
+                old = json.load(f)
+        except FileNotFoundError:
+            old = {}
+        if old.get("torch") == torch.__version__ and old.get("options") == options:
+            results = {name: row for name, row in old["results"].items() if name not in args.models}
+    for name in args.models or list_models():
         results[name] = row = check(name, options)
         ok = row["output_rel_err"] <= 1e-5 and row["max_grad_rel_err"] <= 1e-5
         print(f"{name:24s} output {row['output_rel_err']:.1e}  grads {row['max_grad_rel_err']:.1e}"
               f"  first step {row['first_step_s']:5.1f} s  {'OK' if ok else 'MISMATCH'}", flush=True)
         row["ok"] = ok
+    results = {name: results[name] for name in list_models() if name in results}  # the zoo's order
     with open(args.out, "w") as f:
         json.dump({"torch": torch.__version__, "options": options, "results": results}, f, indent=2)
         f.write("\n")
