@@ -46,7 +46,8 @@ def test_every_zoo_model_can_be_inspected(name, tmp_path):
     kan = [n for n, _ in kan_layers(model)]
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, KANConv2d))]
     assert set(summary["layers"]) == {n.removeprefix("layers.") for n in kan + convs}
-    assert {f"effective_kernel_{n.removeprefix('layers.')}.npz" for n in convs} <= set(files)
+    # Nested layers (the bottleneck nets' blocks) get file names with "_" for ".".
+    assert {f"effective_kernel_{R._file_safe(n)}.npz" for n in convs} <= set(files)
     if kan:
         stored = np.load(files["nonlinearity.npz"])
         for n in kan:

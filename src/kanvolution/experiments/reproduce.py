@@ -680,7 +680,7 @@ def plot_accuracy_vs_params(
     zoo = grouped(zoo_dirs, ("paper",)) if zoo_dirs else {}
     if zoo:
         ax.scatter([p for p, _ in zoo.values()], [float(np.mean(a)) for _, a in zoo.values()], marker="+",
-                   color="tab:green", label="the paper's zoo here (mean of seeds, best test epoch)")
+                   color="black", label="the paper's zoo here (mean of seeds, best test epoch)")
     for index, (name, (params, accs)) in enumerate(sorted(ours.items())):
         mean, std = _mean_std(accs)
         ax.errorbar([params], [mean], yerr=[std], fmt="o", capsize=4, color=f"C{index}",
