@@ -207,8 +207,9 @@ def test_non_finite_and_outside_values_as_on_the_dense_path(kernel, dtype, strid
 
 
 def test_default_kernel_and_bad_kernel():
-    assert _sparse.default_kernel(5, 4) == "narrow" and _sparse.default_kernel(63, 4) == "narrow"
-    assert _sparse.default_kernel(64, 4) == "wide" and _sparse.default_kernel(32, 8) == "wide"
+    assert _sparse.default_kernel(5, 4) == "narrow" and _sparse.default_kernel(31, 4) == "narrow"
+    assert _sparse.default_kernel(32, 4) == "wide" and _sparse.default_kernel(16, 8) == "wide"
+    assert _sparse.default_kernel(15, 8) == "narrow"
     params, grid = _params(2, 3, (3, 3), 1, 5, 3)
     x = torch.rand(1, 2, 5, 5, dtype=F64)
     with pytest.raises(ValueError, match="kernel must be one of wide, narrow"):
@@ -393,15 +394,16 @@ def _decision(layer, x, mode="auto"):
 
 def test_rule(sparse_calls):
     x32, x64 = torch.rand(1, 8, 6, 6), torch.rand(1, 8, 6, 6, dtype=F64)
-    # Narrow kernels (under 256 bytes of outputs per group) from grid size 7, wide ones from 10.
+    # Narrow kernels (under 128 bytes of outputs per group) from grid size 7, wide ones from 10.
     assert _decision(KANConv2d(8, 5, 3, grid_size=7), x32)
     assert not _decision(KANConv2d(8, 5, 3, grid_size=6), x32)
-    assert _decision(KANConv2d(8, 63, 3, grid_size=7), x32)
-    assert not _decision(KANConv2d(8, 64, 3, grid_size=9), x32)
+    assert _decision(KANConv2d(8, 31, 3, grid_size=7), x32)
+    assert not _decision(KANConv2d(8, 32, 3, grid_size=9), x32)
+    assert _decision(KANConv2d(8, 32, 3, grid_size=10), x32)
     assert _decision(KANConv2d(8, 64, 3, grid_size=10), x32)
-    assert _decision(KANConv2d(8, 128, 3, grid_size=8, groups=4), x32)  # 32 per group: narrow
-    assert not _decision(KANConv2d(8, 32, 3, grid_size=9, dtype=F64), x64)  # 256 bytes: wide
-    assert _decision(KANConv2d(8, 31, 3, grid_size=7, dtype=F64), x64)
+    assert _decision(KANConv2d(8, 96, 3, grid_size=8, groups=4), x32)  # 24 per group: narrow
+    assert not _decision(KANConv2d(8, 16, 3, grid_size=9, dtype=F64), x64)  # 128 bytes: wide
+    assert _decision(KANConv2d(8, 15, 3, grid_size=7, dtype=F64), x64)
     assert _decision(KANConv2d(8, 5, 3, grid_size=5), x32, "always")
     assert not _decision(KANConv2d(8, 64, 3, grid_size=50), x32, "never")
     # Never: adapted knots, another base activation, mixed dtypes (autocast), an empty batch.

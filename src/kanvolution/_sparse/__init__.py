@@ -182,18 +182,18 @@ def unpack_weight(packed: Tensor, weight_shape: Sequence[int], groups: int, spli
 KERNELS = ("wide", "narrow")
 # The narrow kernels take over below this many bytes of output channels per group (see
 # kanvolution.ops.sparse for the measurements).
-NARROW_MAX_OUTPUT_BYTES = 256
+NARROW_MAX_OUTPUT_BYTES = 128
 
 
 def default_kernel(out_channels_per_group: int, itemsize: int) -> str:
     """The kernels :func:`kan_conv` & co. use by default: ``"narrow"`` (vectorised over kernel taps
     and output channels of one input value) for fewer than ``NARROW_MAX_OUTPUT_BYTES`` of output
-    channels per group (64 float32 or 32 float64 outputs), else ``"wide"`` (vectorised over output
+    channels per group (32 float32 or 16 float64 outputs), else ``"wide"`` (vectorised over output
     channels).
 
     Examples:
-        >>> default_kernel(10, 4), default_kernel(64, 4), default_kernel(32, 8)
-        ('narrow', 'wide', 'wide')
+        >>> default_kernel(10, 4), default_kernel(31, 4), default_kernel(32, 4), default_kernel(16, 8)
+        ('narrow', 'narrow', 'wide', 'wide')
     """
     return "narrow" if out_channels_per_group * itemsize < NARROW_MAX_OUTPUT_BYTES else "wide"
 

@@ -11,8 +11,8 @@ term, spline order 1..16, float32/float64 with ``x``, knots and weight of one dt
 autocast), a non-empty batch, and the compiled CPU kernels enabled and built. Where they apply,
 the mode decides:
 
-- ``"auto"`` (the default): on layers with fewer than ``256 / itemsize`` output channels per group
-  (64 in float32, 32 in float64), which run the narrow kernels (vectorised over the kernel taps
+- ``"auto"`` (the default): on layers with fewer than ``128 / itemsize`` output channels per group
+  (32 in float32, 16 in float64), which run the narrow kernels (vectorised over the kernel taps
   and output channels of each input value), sparse when ``grid_size >= 7``; on wider layers, which
   run the wide kernels (vectorised over output channels), sparse when ``grid_size >= 10``;
 - ``"always"``: sparse wherever they apply;
@@ -40,15 +40,16 @@ __all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "bac
 
 ENV_VAR = "KANVOLUTION_SPARSE"
 MODES = ("auto", "always", "never")
-# The rule of "auto" (see the module docstring), from same-run ratios of forward + backward
-# (1 thread, float32, a loaded 2-core Xeon with AVX-512; dense / narrow time, > 1: narrow faster):
-#   KANC 1->5 on (128, 1, 28, 28):  gs 3: 1.34, 5: 1.32, 7: 1.69, 10: 1.73, 20: 1.85
-#   KANC 5->10 on (128, 5, 13, 13): gs 3: 0.88, 5: 1.01, 7: 1.19, 10: 1.10, 20: 1.52
-#   16->8 / 16->16 on (16, 16, 32, 32), padding 1: gs 5: 1.05 / 0.92, gs 10: 1.54 / 1.27
-#   16->32: gs 10: 1.04 (and 1.47x faster than the wide kernels)
-# and the narrow kernels against the wide ones at gs 10: 16->64 1.10x faster, 64->64 a tie
-# (0.82x at gs 20), 128->128 0.46x: the narrow kernels below 64 float32 outputs per group.
-# The wide kernels tie with the dense path at 32 float32 outputs and win from 64 on at gs = 10.
+# The rule of "auto" (see the module docstring), from same-run ratios to nn.Conv2d of forward +
+# backward (benchmarks/sparse_kernel.py --sweep: 1 thread, float32, a quiet 2-core Xeon with
+# AVX-512; dense / narrow / wide):
+#   1->5 on (128, 1, 28, 28):    gs 3: 1.4 / 1.1, 5: 1.8 / 1.4, 7: 1.9 / 1.1, 10: 2.1 / 1.0
+#   5->10 on (128, 5, 13, 13):   gs 3: 3.9 / 5.5, 5: 4.4 / 4.5, 7: 5.4 / 4.4, 10: 6.6 / 4.3
+#   16->8 / 16->16 on (16, 16, 32, 32), padding 1: gs 5: 7.8 / 7.1 and 8.1 / 9.3; gs 10: 11.1 / 7.8
+#   and 12.2 / 8.9 (wide 10.2)
+#   16->32, gs 10: 10.3-10.7 / 10.0-10.1 / 7.4-8.8 (three runs); 16->64: 9.5 / - / 7.3-7.7
+# So the narrow kernels below 32 float32 outputs per group from gs = 7, the wide kernels above
+# from gs = 10 (64->64 at gs = 10: dense 15.0, wide 8.5).
 NARROW_MIN_GRID_SIZE = 7
 MIN_GRID_SIZE = 10
 
