@@ -418,11 +418,12 @@ def cnn_small_net_matched() -> ZooModel:
 
 
 # Residual bottleneck networks: a 3x3 stem and pooling to 14x14, then stages at 14x14, 7x7 and
-# 3x3 of residual blocks ``x + BN(1x1(f(BN(1x1(x)))))`` whose 3x3 convolution f works on a few
+# 3x3 of residual blocks ``x + BN(1x1(BN(f(BN(1x1(x))))))`` whose 3x3 convolution f works on a few
 # ("mid") channels of a wider stream. The KAN net spends its parameters on 3x3 KAN convs of 15
 # channels (81 parameters per channel pair at grid size 4) and keeps the stream wide with 1x1
-# convolutions; it has no fixed activation, its only non-linearity is the KAN convs' phi. The CNN
-# has the same layout with a ReLU after each inner BatchNorm and 40 mid channels.
+# convolutions; it has no fixed activation (besides max-pooling, the KAN convs' phi are its only
+# non-linearity). The CNN has the same layout with a ReLU after each inner BatchNorm and 40 mid
+# channels.
 _BOTTLENECK_STEM = 24
 _BOTTLENECK_WIDTHS = (32, 64, 128)  # the stream at 14x14, 7x7 and 3x3
 _BOTTLENECK_BLOCKS = (1, 2, 1)
