@@ -150,6 +150,30 @@ def test_several_batch_chunks_and_threads_agree(kernel):
     assert _rel(results[0][0][:1], F.conv2d(expanded, weight)) < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("c_in, threads", [(8, 1), (8, 2), (1, 2)])  # one task per channel for both; or not
+def test_wide_backward_in_one_call_equals_the_two_kernels(dtype, c_in, threads):
+    params, grid = _params(c_in, 70, (3, 3), 1, 10, 3, dtype=dtype)  # 70 outputs: vector blocks and a tail
+    weight = KF.combine_weights(*params).detach()
+    x = (torch.rand(5, c_in, 12, 11, dtype=dtype) * 2.6 - 1.3)
+    t0, inv_h = _sparse.knot_params(grid)
+    conv = _sparse._Conv(x, t0, inv_h, weight.shape, 3, 1, 1, 1, "wide")
+    packed = conv.pack(weight)
+    grad_out = torch.randn_like(conv.forward(packed))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        gx, gw = conv.backward(grad_out, packed, x.shape, True, True)
+        gx_alone, gw_alone = conv.grad_input(grad_out, packed, x.shape), conv.grad_weight(grad_out)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(gx, gx_alone) and torch.equal(gw, gw_alone)
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    F.conv2d(KF.expand_bases(xr, grid, 3), wr).backward(grad_out)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert _rel(gx, xr.grad) < tol and _rel(gw, wr.grad) < tol
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("c_out", [40, 5])
 def test_float32_close_to_float64(kernel, c_out):

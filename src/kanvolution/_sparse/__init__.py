@@ -338,8 +338,13 @@ class _Conv:
                  need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Input and weight gradients (``None`` where not needed); one pass on the narrow kernels."""
         if not self.narrow:
-            return (self.grad_input(grad_out, prepared, shape) if need_x else None,
-                    self.grad_weight(grad_out) if need_w else None)
+            if not (need_x and need_w):
+                return (self.grad_input(grad_out, prepared, shape) if need_x else None,
+                        self.grad_weight(grad_out) if need_w else None)
+            # Both in one call: one local form per batch chunk serves both gradients.
+            gx, gw = torch.empty_like(self.x), torch.empty_like(prepared)
+            _ops().backward(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), gx, gw)
+            return gx.reshape(shape), self._unpack(gw)
         c, empty = self.x.shape[1], self.x.new_empty(0)
         gx = torch.empty_like(self.x) if need_x else empty
         gw = self.x.new_empty((c, self.n_knots + self.K, prepared.Wb.shape[1])) if need_w else empty

@@ -466,74 +466,6 @@ inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const 
   }
 }
 
-// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
-template <typename T, int KC>
-void grad_input_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
-                     const Geometry& g, int k_rt, int64_t n_knots, T* gx) {
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2;
-  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
-  using Vc = Vec64<T>;
-  constexpr int LW = Vc::lanes;
-  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
-  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
-  const TapOffsets offsets(g);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), true);
-  Local<T> loc(K, chunk * g.C * L, true);
-  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
-    const int64_t nn = std::min(chunk, g.N - n0);
-    loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    // One task per channel of one sample, channel-major: (c, n). The tasks of one thread that read
-    // the same channel's packed rows follow each other, so the rows stay in cache between them.
-    at::parallel_for(0, nn * g.C, 1, [&](int64_t begin, int64_t end) {
-      SpanOrder sorted(n_knots - 1, L);
-      AlignedBuf<T> zeros(g.O), acc(L * LW);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t nl = task % nn, c = task / nn;
-        const int64_t base = (nl * g.C + c) * L;
-        const int32_t* rows = loc.row.data() + base;
-        const T* dvals = loc.dvals.data() + base * V;
-        const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
-        const T* wc = wp + c * taps * S * Og;
-        sorted.sort(rows, L);
-        std::fill(acc.data(), acc.data() + L * LW, T(0));
-        for (int64_t t = 0; t < taps; ++t) {
-          const int64_t* out_off = offsets.tap(t, L);
-          const T* ws = wc + t * S * Og;
-          for (const auto& blk : blocks) {
-            const int64_t ob = blk.first;
-            switch (blk.second) {
-              case 4: grad_input_tap<T, KC, 4>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
-              case 3: grad_input_tap<T, KC, 3>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
-              case 2: grad_input_tap<T, KC, 2>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data()); break;
-              default: grad_input_tap<T, KC, 1>(K, Og, sorted, out_off, dvals, gos + ob, zeros.data(), ws + ob, acc.data());
-            }
-          }
-        }
-        T* gxc = gx + (n0 * g.C * L) + base;
-        for (int64_t q = 0; q < L; ++q) {
-          T total = lane_sum<T>(Vc::load(acc.data() + q * LW));
-          if (Ov < Og) {  // the last Og % lanes output channels
-            const T* dv = dvals + q * V;
-            for (int64_t t = 0; t < taps; ++t) {
-              const int64_t p = offsets.tap(t, L)[q];
-              if (p < 0) continue;
-              const T* ws = wc + t * S * Og;
-              const T* r0 = ws + rows[q] * Og;
-              for (int64_t o = Ov; o < Og; ++o) {
-                T h = dv[0] * ws[o];
-                for (int r = 0; r < K + 1; ++r) h += dv[1 + r] * r0[r * Og + o];
-                total += gos[p + o] * h;
-              }
-            }
-          }
-          gxc[q] = total;
-        }
-      }
-    });
-  }
-}
-
 // The weight gradient's updates of one sample, input channel and kernel tap for a block of NV
 // vectors of output channels: the sums over each knot span's values stay in registers and are added
 // to the span's K + 1 rows once (the base row once for all spans). gos: the sample's channel-last
@@ -579,67 +511,179 @@ inline void grad_weight_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const
   for (int u = 0; u < NV; ++u) Vc::store(ws + u * LW, Vc::load(ws + u * LW) + b[u]);
 }
 
+// One batch chunk's backward: the input gradient of one (sample, channel) and the weight
+// gradient's updates from it, each given the positions of that sample and channel sorted by span.
+template <typename T, int KC>
+struct BackwardChunk {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  static constexpr int LW = Vc::lanes;
+  static constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const T* go;
+  const T* wp;
+  const Geometry& g;
+  const Local<T>& loc;
+  const int K, V, R;
+  const int64_t n_knots, n0, nn, L, Og, S, taps;
+  const std::vector<std::pair<int64_t, int>> blocks;
+  const int64_t Ov;
+  const TapOffsets offsets;
+
+  BackwardChunk(const T* go_, const T* wp_, const Geometry& g_, int k_rt, int64_t n_knots_, const Local<T>& loc_,
+                int64_t n0_, int64_t nn_)
+      : go(go_), wp(wp_), g(g_), loc(loc_), K(KC > 0 ? KC : k_rt), V(K + 2), R(K + 1), n_knots(n_knots_), n0(n0_),
+        nn(nn_), L(g_.in_size()), Og(g_.Og), S(g_.S), taps(g_.taps()), blocks(vector_blocks(Og, LW, KC > 0 ? 4 : 2)),
+        Ov(blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW), offsets(g_) {}
+
+  // gx of sample nl, channel c; acc: scratch of L vectors.
+  void input(int64_t nl, int64_t c, const SpanOrder& sorted, const T* zeros, T* acc_p, T* gx) const {
+    const int64_t base = (nl * g.C + c) * L;
+    const int32_t* rows = loc.row.data() + base;
+    const T* dvals = loc.dvals.data() + base * V;
+    const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
+    const T* wc = wp + c * taps * S * Og;
+    std::fill(acc_p, acc_p + L * LW, T(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t* out_off = offsets.tap(t, L);
+      const T* ws = wc + t * S * Og;
+      for (const auto& blk : blocks) {
+        const int64_t ob = blk.first;
+        switch (blk.second) {
+          case 4: grad_input_tap<T, KC, 4>(K, Og, sorted, out_off, dvals, gos + ob, zeros, ws + ob, acc_p); break;
+          case 3: grad_input_tap<T, KC, 3>(K, Og, sorted, out_off, dvals, gos + ob, zeros, ws + ob, acc_p); break;
+          case 2: grad_input_tap<T, KC, 2>(K, Og, sorted, out_off, dvals, gos + ob, zeros, ws + ob, acc_p); break;
+          default: grad_input_tap<T, KC, 1>(K, Og, sorted, out_off, dvals, gos + ob, zeros, ws + ob, acc_p);
+        }
+      }
+    }
+    T* gxc = gx + (n0 * g.C * L) + base;
+    for (int64_t q = 0; q < L; ++q) {
+      T total = lane_sum<T>(Vc::load(acc_p + q * LW));
+      if (Ov < Og) {  // the last Og % lanes output channels
+        const T* dv = dvals + q * V;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t p = offsets.tap(t, L)[q];
+          if (p < 0) continue;
+          const T* ws = wc + t * S * Og;
+          const T* r0 = ws + rows[q] * Og;
+          for (int64_t o = Ov; o < Og; ++o) {
+            T h = dv[0] * ws[o];
+            for (int r = 0; r < K + 1; ++r) h += dv[1 + r] * r0[r * Og + o];
+            total += gos[p + o] * h;
+          }
+        }
+      }
+      gxc[q] = total;
+    }
+  }
+
+  // gw's rows of channel c += the terms of sample nl.
+  void weight(int64_t nl, int64_t c, const SpanOrder& sorted, const T* zeros, T* gw) const {
+    const int64_t ocol = c / g.Cg * Og;
+    const int64_t base = (nl * g.C + c) * L;
+    const int32_t* rows = loc.row.data() + base;
+    const T* vals = loc.vals.data() + base * V;
+    const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
+    for (int64_t t = 0; t < taps; ++t) {
+      T* ws = gw + (c * taps + t) * S * Og;
+      const int64_t* out_off = offsets.tap(t, L);
+      for (const auto& blk : blocks) {
+        switch (blk.second) {
+          case 4: grad_weight_tap<T, KC, 4>(K, Og, sorted, out_off, vals, gos + blk.first, zeros, ws + blk.first); break;
+          case 3: grad_weight_tap<T, KC, 3>(K, Og, sorted, out_off, vals, gos + blk.first, zeros, ws + blk.first); break;
+          case 2: grad_weight_tap<T, KC, 2>(K, Og, sorted, out_off, vals, gos + blk.first, zeros, ws + blk.first); break;
+          default: grad_weight_tap<T, KC, 1>(K, Og, sorted, out_off, vals, gos + blk.first, zeros, ws + blk.first);
+        }
+      }
+      if (Ov == Og) continue;
+      for (int64_t q = 0; q < L; ++q) {  // the last Og % lanes output channels
+        const int64_t p = out_off[q];
+        if (p < 0) continue;
+        const T* gp = gos + p;
+        const T* v = vals + q * V;
+        T* r0 = ws + rows[q] * Og;
+        for (int64_t o = Ov; o < Og; ++o) {
+          ws[o] += v[0] * gp[o];
+          for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
+        }
+      }
+    }
+  }
+};
+
+// grad_x[n][c][d][h][w] = sum over taps that read it and o of grad_out * d(local value)/dx * weight.
+// One task per channel of one sample, channel-major: (c, n). The tasks of one thread that read the
+// same channel's packed rows follow each other, so the rows stay in cache between them.
+template <typename T, int KC>
+void grad_input_chunk(const BackwardChunk<T, KC>& bc, T* gx) {
+  at::parallel_for(0, bc.nn * bc.g.C, 1, [&](int64_t begin, int64_t end) {
+    SpanOrder sorted(bc.n_knots - 1, bc.L);
+    AlignedBuf<T> zeros(bc.g.O), acc(bc.L * bc.LW);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nl = task % bc.nn, c = task / bc.nn;
+      sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
+      bc.input(nl, c, sorted, zeros.data(), acc.data(), gx);
+    }
+  });
+}
+
 // gw[c][tap][slot][o] += local value * grad_out. One task per input channel, so no two threads write
 // the same rows and no per-thread copies are needed. The values of a channel are bucketed by knot
 // span: all values of one span add to the same K + 1 rows, so the sums over a bucket are kept in
 // registers (blocks of up to four vectors of output channels) and each row is written once per bucket.
 template <typename T, int KC>
-void grad_weight_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
-                      const Geometry& g, int k_rt, int64_t n_knots, T* gw) {
-  using Vc = Vec64<T>;
-  using vec = typename Vc::type;
-  constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+void grad_weight_chunk(const BackwardChunk<T, KC>& bc, T* gw) {
+  at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
+    SpanOrder sorted(bc.n_knots - 1, bc.L);
+    AlignedBuf<T> zeros(bc.g.O);  // read for the values that feed no output through a tap
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t nl = 0; nl < bc.nn; ++nl) {
+        sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
+        bc.weight(nl, c, sorted, zeros.data(), gw);
+      }
+    }
+  });
+}
+
+// Both, one task per input channel: each (sample, channel) sorted once for both, its values and
+// the sample's output gradient read while in cache.
+template <typename T, int KC>
+void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
+  at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
+    SpanOrder sorted(bc.n_knots - 1, bc.L);
+    AlignedBuf<T> zeros(bc.g.O), acc(bc.L * bc.LW);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t nl = 0; nl < bc.nn; ++nl) {
+        sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
+        bc.input(nl, c, sorted, zeros.data(), acc.data(), gx);
+        bc.weight(nl, c, sorted, zeros.data(), gw);
+      }
+    }
+  });
+}
+
+// Both gradients (gx or gw may be null: not needed) from one local form per batch chunk, built
+// with derivatives when gx is needed: the input gradient reads its derivatives, the weight
+// gradient its values. gw is zeroed here and accumulates over the chunks.
+template <typename T, int KC>
+void backward_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
+                   const Geometry& g, int k_rt, int64_t n_knots, T* gx, T* gw) {
   const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  const int64_t L = g.in_size(), Og = g.Og, S = g.S, taps = g.taps();
-  const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
-  const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
-  const TapOffsets offsets(g);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
-  Local<T> loc(K, chunk * g.C * L, false);
-  std::fill(gw, gw + g.C * taps * S * Og, T(0));
+  const int64_t L = g.in_size();
+  const bool derivative = gx != nullptr;
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), derivative);
+  Local<T> loc(K, chunk * g.C * L, derivative);
+  if (gw != nullptr) std::fill(gw, gw + g.C * g.taps() * g.S * g.Og, T(0));
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
-      SpanOrder sorted(n_knots - 1, L);
-      AlignedBuf<T> zeros(g.O);  // read for the values that feed no output through a tap
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t ocol = c / g.Cg * Og;
-        for (int64_t nl = 0; nl < nn; ++nl) {
-          const int64_t base = (nl * g.C + c) * L;
-          const int32_t* rows = loc.row.data() + base;
-          const T* vals = loc.vals.data() + base * V;
-          const T* gos = go + (n0 + nl) * g.out_size() * g.O + ocol;
-          sorted.sort(rows, L);
-          for (int64_t t = 0; t < taps; ++t) {
-            T* ws = gw + (c * taps + t) * S * Og;
-            const int64_t* out_off = offsets.tap(t, L);
-            for (const auto& blk : blocks) {
-              switch (blk.second) {
-                case 4: grad_weight_tap<T, KC, 4>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
-                case 3: grad_weight_tap<T, KC, 3>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
-                case 2: grad_weight_tap<T, KC, 2>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first); break;
-                default: grad_weight_tap<T, KC, 1>(K, Og, sorted, out_off, vals, gos + blk.first, zeros.data(), ws + blk.first);
-              }
-            }
-            if (Ov == Og) continue;
-            for (int64_t q = 0; q < L; ++q) {  // the last Og % lanes output channels
-              const int64_t p = out_off[q];
-              if (p < 0) continue;
-              const T* gp = gos + p;
-              const T* v = vals + q * V;
-              T* r0 = ws + rows[q] * Og;
-              for (int64_t o = Ov; o < Og; ++o) {
-                ws[o] += v[0] * gp[o];
-                for (int r = 0; r < R; ++r) r0[r * Og + o] += v[1 + r] * gp[o];
-              }
-            }
-          }
-        }
-      }
-    });
+    const BackwardChunk<T, KC> bc(go, wp, g, k_rt, n_knots, loc, n0, nn);
+    if (gx != nullptr && gw != nullptr && g.C >= 2 * at::get_num_threads())
+      grad_both_chunk(bc, gx, gw);
+    else {
+      if (gx != nullptr) grad_input_chunk(bc, gx);
+      if (gw != nullptr) grad_weight_chunk(bc, gw);
+    }
   }
 }
 
@@ -1090,6 +1134,13 @@ void dispatch_order(int64_t K, F&& f) {
   }
 }
 
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x, const Geometry& g) {
+  check_cpu(grad_out, x, "grad_out", 5);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
+              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
+              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
+}
+
 void forward(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& coef,
              const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
              at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
@@ -1107,46 +1158,49 @@ void forward(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
   });
 }
 
+// Both gradients in one call (one local form per chunk for both); gx or gw empty: not computed.
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+              const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+              at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+              at::Tensor gx, at::Tensor gw) {
+  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
+  check_grad_out(grad_out, x, g);
+  const bool need_x = gx.numel() > 0, need_w = gw.numel() > 0;
+  if (need_x) {
+    check_cpu(gx, x, "gx", 5);
+    TORCH_CHECK(gx.sizes() == x.sizes(), "gx must be shaped like x");
+  }
+  if (need_w) {
+    check_cpu(gw, x, "gw", 4);
+    TORCH_CHECK(gw.sizes() == wp.sizes(), "gw must be shaped like the packed weight");
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_backward", [&] {
+    const Tables<scalar_t> tab(coef, dcoef);
+    dispatch_order(K, [&](auto kc) {
+      backward_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                   t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
+                                                   wp.data_ptr<scalar_t>(), g, int(K), n_knots,
+                                                   need_x ? gx.data_ptr<scalar_t>() : nullptr,
+                                                   need_w ? gw.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+}
+
 void grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
                 const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
                 at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
                 at::Tensor out) {
-  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
-  check_cpu(grad_out, x, "grad_out", 5);
-  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
-              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
-              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
-  check_cpu(out, x, "out", 5);
-  TORCH_CHECK(out.sizes() == x.sizes(), "out must be shaped like x");
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_input", [&] {
-    const Tables<scalar_t> tab(coef, dcoef);
-    dispatch_order(K, [&](auto kc) {
-      grad_input_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                     t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
-                                                     wp.data_ptr<scalar_t>(), g, int(K), n_knots,
-                                                     out.data_ptr<scalar_t>());
-    });
-  });
+  TORCH_CHECK(out.numel() > 0 || x.numel() == 0, "out must be shaped like x");
+  backward(grad_out, x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups, out, x.new_empty({0}));
 }
 
 void grad_weight(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
                  const at::Tensor& coef, const at::Tensor& dcoef, int64_t K, int64_t n_knots, at::IntArrayRef kernel,
                  at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups, at::Tensor out) {
-  // out is the packed weight's gradient and has the packed weight's shape.
-  const Geometry g = geometry(x, t0, inv_h, coef, dcoef, out, K, n_knots, kernel, stride, dilation, groups);
-  check_cpu(grad_out, x, "grad_out", 5);
-  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Do && grad_out.size(2) == g.Ho &&
-              grad_out.size(3) == g.Wo && grad_out.size(4) == g.O,
-              "grad_out must be (N, Do, Ho, Wo, O), got ", grad_out.sizes());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_grad_weight", [&] {
-    const Tables<scalar_t> tab(coef, dcoef);
-    dispatch_order(K, [&](auto kc) {
-      grad_weight_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                      t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab, g,
-                                                      int(K), n_knots, out.data_ptr<scalar_t>());
-    });
-  });
+  // out is the packed weight's gradient and has the packed weight's shape (all the geometry reads).
+  backward(grad_out, x, t0, inv_h, coef, dcoef, out, K, n_knots, kernel, stride, dilation, groups, x.new_empty({0}), out);
 }
+
 
 // x, sx (N, C, D, H, W); P (C, n_spans + 1, K + 1, Lp); Wb (C, Lp); out (N, Do, Ho, Wo, O).
 Geometry narrow_geometry(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h, const at::Tensor& Wb,
@@ -1362,6 +1416,9 @@ TORCH_LIBRARY(kanvolution_sparse, m) {
   m.def("grad_weight(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, int K, "
         "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &grad_weight);
+  m.def("backward(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, "
+        "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) gx, Tensor(b!) gw) -> ()",
+        &backward);
   m.def("narrow_forward(Tensor x, Tensor sx, Tensor t0, Tensor inv_h, Tensor P, Tensor Wb, int K, int n_knots, "
         "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &narrow_forward);
