@@ -287,6 +287,45 @@ inline std::vector<std::pair<int64_t, int>> vector_blocks(int64_t Og, int64_t la
   return blocks;
 }
 
+// One kernel tap, a block of NV vectors of output channels, the values of one (sample, channel)
+// bucketed by knot span: for every span, its K + 2 weight rows (base row, rows 1 + span ..
+// 1 + span + K of ws) stay in registers while each of its values q forms h = c[0] w_base +
+// sum_r c[1 + r] w_{1+span+r} from its coefficients c = coefs + q * (K + 2) (the forward's local
+// values, or the input gradient's derivatives) and hands it to use(q, p, h), p being q's output
+// offset through the tap (-1: none).
+template <typename T, int KC, int NV, typename Use>
+inline __attribute__((always_inline)) void span_rows_apply(int k_rt, int64_t Og, const SpanOrder& sorted,
+                                                          const int64_t* __restrict__ out_off,
+                                                          const T* __restrict__ coefs, const T* __restrict__ ws,
+                                                          Use&& use) {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  constexpr int LW = Vc::lanes;
+  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
+  const int K = KC > 0 ? KC : k_rt;
+  const int V = K + 2, R = K + 1;
+  vec w0[NV];
+  for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
+  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
+    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
+    if (j0 == j1) continue;
+    vec wr[RMAX][NV];
+#pragma GCC unroll 17
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t q = sorted.order[j];
+      const T* c = coefs + q * V;
+      vec h[NV];
+      for (int u = 0; u < NV; ++u) h[u] = c[0] * w0[u];
+#pragma GCC unroll 17
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < NV; ++u) h[u] += c[1 + r] * wr[r][u];
+      use(q, out_off[q], h);
+    }
+  }
+}
+
 // The forward's updates from one input channel to a block of NV vectors of output channels: for
 // every kernel tap and knot span, the K + 2 weight rows of the block stay in registers while the
 // span's values update their outputs. wc: the channel's packed weight at the block's first channel;
@@ -297,41 +336,15 @@ inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, 
   using Vc = Vec64<T>;
   using vec = typename Vc::type;
   constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  const int64_t Og = g.Og, S = g.S;
-  for (int64_t a = 0; a < g.kd; ++a) {
-    for (int64_t b = 0; b < g.kh; ++b) {
-      for (int64_t e = 0; e < g.kw; ++e) {
-        const int64_t* out_off = map.tap((a * g.kh + b) * g.kw + e, g.in_size());
-        const T* ws = wc + ((a * g.kh + b) * g.kw + e) * S * Og;
-        vec w0[NV];
-        for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
-        for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-          const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
-          if (j0 == j1) continue;
-          vec wr[RMAX][NV];
-#pragma GCC unroll 17
-          for (int r = 0; r < R; ++r)
-            for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
-          for (int64_t j = j0; j < j1; ++j) {
-            const int64_t q = sorted.order[j];
-            const int64_t p = out_off[q];
-            const T* v = vals + q * V;
-            T* op = p < 0 ? dummy : os + p;  // no branch: values feeding no output update a dummy
-            // Two independent chains, joined last: the outputs' load is off the critical path.
-            vec s[NV], t[NV];
-            for (int u = 0; u < NV; ++u) t[u] = v[0] * w0[u];
-#pragma GCC unroll 17
-            for (int r = 0; r < R; ++r)
-              for (int u = 0; u < NV; ++u) t[u] += v[1 + r] * wr[r][u];
-            for (int u = 0; u < NV; ++u) s[u] = Vc::load(op + u * LW) + t[u];
-            for (int u = 0; u < NV; ++u) Vc::store(op + u * LW, s[u]);
-          }
-        }
-      }
-    }
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    span_rows_apply<T, KC, NV>(k_rt, g.Og, sorted, map.tap(t, g.in_size()), vals, wc + t * g.S * g.Og,
+                               [&](int64_t, int64_t p, const vec (&h)[NV]) {
+      T* op = p < 0 ? dummy : os + p;  // no branch: values feeding no output update a dummy
+      // h and the outputs' load are independent chains, joined last: the load is off the critical path.
+      vec s[NV];
+      for (int u = 0; u < NV; ++u) s[u] = Vc::load(op + u * LW) + h[u];
+      for (int u = 0; u < NV; ++u) Vc::store(op + u * LW, s[u]);
+    });
   }
 }
 
@@ -437,33 +450,12 @@ inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const 
   using Vc = Vec64<T>;
   using vec = typename Vc::type;
   constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  vec w0[NV];
-  for (int u = 0; u < NV; ++u) w0[u] = Vc::load(ws + u * LW);
-  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
-    if (j0 == j1) continue;
-    vec wr[RMAX][NV];
-#pragma GCC unroll 17
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < NV; ++u) wr[r][u] = Vc::load(ws + (1 + bucket + r) * Og + u * LW);
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t q = sorted.order[j];
-      const int64_t p = out_off[q];
-      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
-      const T* dv = dvals + q * V;
-      vec h[NV];
-      for (int u = 0; u < NV; ++u) h[u] = dv[0] * w0[u];
-#pragma GCC unroll 17
-      for (int r = 0; r < R; ++r)
-        for (int u = 0; u < NV; ++u) h[u] += dv[1 + r] * wr[r][u];
-      vec a = Vc::load(acc + q * LW);
-      for (int u = 0; u < NV; ++u) a += Vc::load(gp + u * LW) * h[u];
-      Vc::store(acc + q * LW, a);
-    }
-  }
+  span_rows_apply<T, KC, NV>(k_rt, Og, sorted, out_off, dvals, ws, [&](int64_t q, int64_t p, const vec (&h)[NV]) {
+    const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
+    vec a = Vc::load(acc + q * LW);
+    for (int u = 0; u < NV; ++u) a += Vc::load(gp + u * LW) * h[u];
+    Vc::store(acc + q * LW, a);
+  });
 }
 
 // The weight gradient's updates of one sample, input channel and kernel tap for a block of NV
@@ -516,27 +508,27 @@ inline void grad_weight_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const
 template <typename T, int KC>
 struct BackwardChunk {
   using Vc = Vec64<T>;
-  using vec = typename Vc::type;
   static constexpr int LW = Vc::lanes;
-  static constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
   const T* go;
   const T* wp;
   const Geometry& g;
   const Local<T>& loc;
-  const int K, V, R;
+  const int k_rt;  // the spline order when KC is 0 (the methods fold it when KC fixes it)
   const int64_t n_knots, n0, nn, L, Og, S, taps;
   const std::vector<std::pair<int64_t, int>> blocks;
   const int64_t Ov;
   const TapOffsets offsets;
 
-  BackwardChunk(const T* go_, const T* wp_, const Geometry& g_, int k_rt, int64_t n_knots_, const Local<T>& loc_,
+  BackwardChunk(const T* go_, const T* wp_, const Geometry& g_, int k_rt_, int64_t n_knots_, const Local<T>& loc_,
                 int64_t n0_, int64_t nn_)
-      : go(go_), wp(wp_), g(g_), loc(loc_), K(KC > 0 ? KC : k_rt), V(K + 2), R(K + 1), n_knots(n_knots_), n0(n0_),
+      : go(go_), wp(wp_), g(g_), loc(loc_), k_rt(k_rt_), n_knots(n_knots_), n0(n0_),
         nn(nn_), L(g_.in_size()), Og(g_.Og), S(g_.S), taps(g_.taps()), blocks(vector_blocks(Og, LW, KC > 0 ? 4 : 2)),
         Ov(blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW), offsets(g_) {}
 
   // gx of sample nl, channel c; acc: scratch of L vectors.
   void input(int64_t nl, int64_t c, const SpanOrder& sorted, const T* zeros, T* acc_p, T* gx) const {
+    const int K = KC > 0 ? KC : k_rt;
+    const int V = K + 2;
     const int64_t base = (nl * g.C + c) * L;
     const int32_t* rows = loc.row.data() + base;
     const T* dvals = loc.dvals.data() + base * V;
@@ -579,6 +571,8 @@ struct BackwardChunk {
 
   // gw's rows of channel c += the terms of sample nl.
   void weight(int64_t nl, int64_t c, const SpanOrder& sorted, const T* zeros, T* gw) const {
+    const int K = KC > 0 ? KC : k_rt;
+    const int V = K + 2, R = K + 1;
     const int64_t ocol = c / g.Cg * Og;
     const int64_t base = (nl * g.C + c) * L;
     const int32_t* rows = loc.row.data() + base;
