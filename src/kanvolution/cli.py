@@ -481,7 +481,8 @@ def _add_reproduce_parser(sub: Any) -> None:
         help="paper: search then retrain; paper-configs: the configurations the paper's own search chose"
         " (its logs), once per --seeds; fixed: lr 1e-3, weight decay 1e-4, batch 128, no search; beyond: the"
         " small nets (default models kan_small_net cnn_small_net_matched kan_bottleneck_net"
-        " cnn_bottleneck_net_matched, each at its own grid size) with"
+        " cnn_bottleneck_net_matched kan_stem_bottleneck_net kan_early_bottleneck_net, each at its own grid size)"
+        " with"
         " warm-up + cosine, label smoothing, random crops (and flips on fashion-mnist), validation-selected"
         " epoch, for --epochs, once per --seeds; bases: KANC MLP (Medium) with every basis family at matched"
         " size, the fixed recipe, once per --seeds",

@@ -41,7 +41,9 @@ def recipe(tiny):
 # Models
 
 
-BEYOND_PAIRS = [("kan_small_net", "cnn_small_net_matched"), ("kan_bottleneck_net", "cnn_bottleneck_net_matched")]
+BEYOND_PAIRS = [("kan_small_net", "cnn_small_net_matched"), ("kan_bottleneck_net", "cnn_bottleneck_net_matched"),
+                ("kan_stem_bottleneck_net", "cnn_bottleneck_net_matched"),
+                ("kan_early_bottleneck_net", "cnn_bottleneck_net_matched")]
 
 
 @pytest.mark.parametrize("kan_name, cnn_name", BEYOND_PAIRS)
@@ -53,7 +55,7 @@ def test_small_nets_are_registered_with_matched_parameter_counts(kan_name, cnn_n
     assert abs(cnn - kan) / kan <= 0.10, (kan, cnn)
 
 
-@pytest.mark.parametrize("name", [name for pair in BEYOND_PAIRS for name in pair])
+@pytest.mark.parametrize("name", sorted({name for pair in BEYOND_PAIRS for name in pair}))
 def test_small_nets_forward_and_backward(name):
     model = create_model(name)
     x = torch.rand(4, 1, 28, 28) * 2 - 1
@@ -98,6 +100,38 @@ def test_kan_bottleneck_net_has_no_fixed_activation_and_residual_blocks():
     torch.nn.init.zeros_(block.body[-1].weight)
     x = torch.randn(2, 32, 14, 14)
     assert torch.equal(block.eval()(x), x)
+
+
+def test_kan_stem_bottleneck_net_is_the_matched_cnn_with_a_kan_stem():
+    model = create_model("kan_stem_bottleneck_net", grid_size=6)
+    cnn = create_model("cnn_bottleneck_net_matched")
+    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, KANConv2d)]
+    assert [name for name, _ in convs] == ["layers.conv1"]
+    stem = convs[0][1]
+    assert (stem.in_channels, stem.out_channels, stem.kernel_size, stem.padding) == (1, 24, (3, 3), (1, 1))
+    assert stem.grid_size == 6 and tuple(stem.grid_range) == (-1.0, 1.0)
+    assert model.paper_name == "KAN-stem bottleneck net (gs = 6)"
+    # Everything after the stem is the CNN's: same module names, types and parameter shapes.
+    after = lambda m: [(n, type(x).__name__) for n, x in m.named_modules() if n and not n.startswith("layers.conv1")]
+    shapes = lambda m: {n: p.shape for n, p in m.named_parameters() if not n.startswith("layers.conv1.")}
+    assert after(model) == after(cnn)
+    assert shapes(model) == shapes(cnn)
+    assert isinstance(cnn.layers.conv1, torch.nn.Conv2d)
+
+
+def test_kan_early_bottleneck_net_has_kan_convs_at_28_and_14_pixels_only():
+    model = create_model("kan_early_bottleneck_net", grid_size=5)
+    kan = [name for name, m in model.named_modules() if isinstance(m, KANConv2d)]
+    assert kan == ["layers.conv1", "layers.block2_1.body.2"]
+    assert all(model.get_submodule(n).grid_size == 5 for n in kan)
+    assert (model.layers.block2_1.body[2].in_channels, model.layers.block2_1.body[2].out_channels) == (15, 15)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.layers.block2_1.modules())
+    cnn = create_model("cnn_bottleneck_net_matched")
+    for name in ("block3_1", "block3_2", "block4_1"):  # the CNN's blocks at 7x7 and 3x3
+        assert [type(m) for m in model.layers.get_submodule(name).modules()] == \
+            [type(m) for m in cnn.layers.get_submodule(name).modules()]
+    assert isinstance(model.layers.relu1, torch.nn.ReLU)
+    assert model.paper_name == "KAN-early bottleneck net (gs = 5)"
 
 
 def test_default_grid_size_of_a_run_is_the_models_own(recipe):

@@ -50,6 +50,7 @@ ALL_MODELS = models.list_models()
 KAN_MODELS = [name for name in ALL_MODELS if models.model_info(name).has_kan]
 SMALL_NETS = [
     "kan_small_net", "cnn_small_net_matched", "kan_bottleneck_net", "cnn_bottleneck_net_matched",
+    "kan_stem_bottleneck_net", "kan_early_bottleneck_net",
 ]  # beyond the paper: own layout and grid size
 PAPER_KAN_MODELS = [name for name in KAN_MODELS if name not in SMALL_NETS]
 

@@ -40,6 +40,8 @@ __all__ = [
     "cnn_small_net_matched",
     "kan_bottleneck_net",
     "cnn_bottleneck_net_matched",
+    "kan_stem_bottleneck_net",
+    "kan_early_bottleneck_net",
 ]
 
 DEFAULT_GRID_SIZE = 10
@@ -376,6 +378,14 @@ def _same_kan_conv(grid_size: int, kan_options: dict[str, Any]) -> Callable[[int
     return conv
 
 
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+def _relu() -> list[nn.Module]:
+    return [nn.ReLU()]
+
+
 def _small_net(
     conv: Callable[[int, int], nn.Module], after_norm: Callable[[], list[nn.Module]], widths: tuple[int, ...]
 ) -> list[tuple[str, nn.Module]]:
@@ -413,7 +423,7 @@ def cnn_small_net_matched() -> ZooModel:
     The layout of :func:`kan_small_net` with a ReLU after each BatchNorm and 3x the channels, so
     that its parameter count is within 10% of the KAN net's at grid size 4.
     """
-    layers = _small_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _SMALL_NET_CNN_WIDTHS)
+    layers = _small_net(_conv3x3, _relu, _SMALL_NET_CNN_WIDTHS)
     return ZooModel(layers, paper_name=paper_name("cnn_small_net_matched"))
 
 
@@ -455,12 +465,15 @@ class Bottleneck(nn.Module):
 
 
 def _bottleneck_net(
-    conv: Callable[[int, int], nn.Module], act: Callable[[], list[nn.Module]], mid: int
+    conv: Callable[[int, int], nn.Module], act: Callable[[], list[nn.Module]], mid: int,
+    stem: Callable[[int, int], nn.Module] | None = None,
+    block: Callable[[int, int], nn.Module] | None = None,
 ) -> list[tuple[str, nn.Module]]:
-    """``conv(1, stem)``, pool, BN, ``act()``; per stage: [pool], 1x1 projection, BN, bottleneck
-    blocks; global average pooling, ``Linear(widths[-1], 10)``."""
+    """``stem(1, 24)`` (default ``conv``), pool, BN, ``act()``; per stage: [pool], 1x1 projection,
+    BN, bottleneck blocks (``block(stage, width)``, default ``Bottleneck(width, mid, conv, act)``);
+    global average pooling, ``Linear(widths[-1], 10)``."""
     layers: list[tuple[str, nn.Module]] = [
-        ("conv1", conv(1, _BOTTLENECK_STEM)), ("pool1", nn.MaxPool2d(2)), ("bn1", nn.BatchNorm2d(_BOTTLENECK_STEM)),
+        ("conv1", (stem or conv)(1, _BOTTLENECK_STEM)), ("pool1", nn.MaxPool2d(2)), ("bn1", nn.BatchNorm2d(_BOTTLENECK_STEM)),
         *[(f"{type(m).__name__.lower()}1", m) for m in act()],
     ]
     channels = _BOTTLENECK_STEM
@@ -468,7 +481,8 @@ def _bottleneck_net(
         if stage > 2:
             layers.append((f"pool{stage}", nn.MaxPool2d(2)))
         layers += [(f"proj{stage}", nn.Conv2d(channels, width, 1, bias=False)), (f"bn{stage}", nn.BatchNorm2d(width))]
-        layers += [(f"block{stage}_{i}", Bottleneck(width, mid, conv, act)) for i in range(1, blocks + 1)]
+        layers += [(f"block{stage}_{i}", block(stage, width) if block else Bottleneck(width, mid, conv, act))
+                   for i in range(1, blocks + 1)]
         channels = width
     return layers + [("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc1", nn.Linear(channels, 10))]
 
@@ -494,8 +508,40 @@ def cnn_bottleneck_net_matched() -> ZooModel:
     and each block's inner BatchNorms, and 40 instead of 15 inner channels, so that its parameter
     count is within 10% of the KAN net's at grid size 4.
     """
-    layers = _bottleneck_net(lambda i, o: nn.Conv2d(i, o, 3, padding=1), lambda: [nn.ReLU()], _BOTTLENECK_CNN_MID)
+    layers = _bottleneck_net(_conv3x3, _relu, _BOTTLENECK_CNN_MID)
     return ZooModel(layers, paper_name=paper_name("cnn_bottleneck_net_matched"))
+
+
+@register_model("KAN-stem bottleneck net")
+def kan_stem_bottleneck_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->24, pool, BN, ReLU; then the stages of :func:`cnn_bottleneck_net_matched` (conv 40->40 inside, BN, ReLU); GAP, Linear 128->10.
+
+    A hybrid: the matched CNN with a 3x3 KAN conv (padding 1, grid range ``[-1, 1]``: the images)
+    as its first layer instead of a 3x3 convolution, so that the learned functions act on the
+    pixels themselves; about 2% of its parameters are in it. ``kan_options`` go to the KAN conv.
+    """
+    layers = _bottleneck_net(_conv3x3, _relu, _BOTTLENECK_CNN_MID, stem=_same_kan_conv(grid_size, kan_options))
+    return ZooModel(layers, paper_name=paper_name("kan_stem_bottleneck_net", grid_size))
+
+
+@register_model("KAN-early bottleneck net")
+def kan_early_bottleneck_net(grid_size: int = SMALL_NET_GRID_SIZE, **kan_options: Any) -> ZooModel:
+    """KAN conv 1->24, pool, BN, ReLU; stage 1 (32 channels, 14x14): a block 1x1 -> KAN conv 15->15 -> 1x1 with no activation; stages 2 and 3 as in :func:`cnn_bottleneck_net_matched`; GAP, Linear 128->10.
+
+    A hybrid between :func:`kan_bottleneck_net` and :func:`kan_stem_bottleneck_net`: KAN convs
+    where the maps are large (the stem on the pixels and the 14x14 stage, whose block is the KAN
+    bottleneck net's), the matched CNN's blocks (conv 40->40, BN, ReLU) at 7x7 and 3x3. About 21% of
+    its parameters are in KAN convs. ``kan_options`` go to every KAN conv.
+    """
+    kan = _same_kan_conv(grid_size, kan_options)
+
+    def block(stage: int, width: int) -> nn.Module:
+        if stage == 2:
+            return Bottleneck(width, _BOTTLENECK_KAN_MID, kan, lambda: [])
+        return Bottleneck(width, _BOTTLENECK_CNN_MID, _conv3x3, _relu)
+
+    layers = _bottleneck_net(_conv3x3, _relu, _BOTTLENECK_CNN_MID, stem=kan, block=block)
+    return ZooModel(layers, paper_name=paper_name("kan_early_bottleneck_net", grid_size))
 
 
 # Layer options of every basis family with as many parameters per phi as the paper's B-splines

@@ -67,7 +67,8 @@ PAPER_MODELS = (
     "kkan_small",
 )
 # The "beyond" protocol: small KAN-conv nets and their matched CNNs, one modern recipe for both.
-BEYOND_MODELS = ("kan_small_net", "cnn_small_net_matched", "kan_bottleneck_net", "cnn_bottleneck_net_matched")
+BEYOND_MODELS = ("kan_small_net", "cnn_small_net_matched", "kan_bottleneck_net", "cnn_bottleneck_net_matched",
+                 "kan_stem_bottleneck_net", "kan_early_bottleneck_net")
 BEYOND_RECIPE: dict[str, Any] = {
     "batch_size": 128,
     "lr": 2e-3,
