@@ -35,8 +35,18 @@
 namespace {
 
 constexpr int kMaxOrder = 16;
-// The local form of the input is built batch chunk by batch chunk, each under this many bytes.
+// The local form of the input is built batch chunk by batch chunk (chunk_samples), each under a
+// budget of bytes. Every chunk reads the whole packed weight (the backward also writes the whole
+// gradient), so the backward's chunks may hold as many bytes as the packed weight (from kChunkBytes
+// to kMaxChunkBytes); the forward's are kSmallChunkBytes (about one core's L2: the chunk's values
+// stay in cache while they are used) unless the packed weight reaches kLargeWeightBytes, where they
+// are kChunkBytes, and they hold at least enough samples for every thread. Measured on 64->64 and
+// 128->128 layers at gs = 10-50 (1-4% against 8 MiB chunks for both, 1 thread); chunking does not
+// change any result.
 constexpr int64_t kChunkBytes = int64_t(8) << 20;
+constexpr int64_t kSmallChunkBytes = int64_t(2) << 20;
+constexpr int64_t kMaxChunkBytes = int64_t(64) << 20;
+constexpr int64_t kLargeWeightBytes = int64_t(16) << 20;
 // The forward reads a channel's packed rows once for a set of up to kSampleSet samples whose
 // outputs (one block of output channels) fit in kSetBytes, so that they stay in cache together.
 constexpr int64_t kSampleSet = 8;
@@ -348,10 +358,13 @@ inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, 
   }
 }
 
-int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative) {
+int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative, bool backward, int64_t min_samples = 1) {
   const int64_t per_value = (K + 2) * int64_t(elem) * (derivative ? 2 : 1) + int64_t(sizeof(int32_t));
   const int64_t per_sample = std::max<int64_t>(1, g.C * g.in_size() * per_value);
-  return std::max<int64_t>(1, std::min(g.N, kChunkBytes / per_sample));
+  const int64_t weight = g.C * g.taps() * g.S * g.Og * int64_t(elem);
+  const int64_t budget = backward ? std::min(kMaxChunkBytes, std::max(kChunkBytes, weight))
+                                  : (weight >= kLargeWeightBytes ? kChunkBytes : kSmallChunkBytes);
+  return std::max<int64_t>(1, std::min(g.N, std::max(min_samples, budget / per_sample)));
 }
 
 // out[n][od][oh][ow][o] (channel-last) = sum over c, taps, slots of local value * packed weight.
@@ -372,7 +385,10 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   const int64_t n_blocks = int64_t(blocks.size());
   const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
   const TapOffsets offsets(g);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false);
+  // At least enough samples per chunk for one task per thread.
+  const int64_t per_task_set = std::max<int64_t>(1, g.groups * n_blocks);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false,
+                                      (at::get_num_threads() + per_task_set - 1) / per_task_set);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
@@ -665,7 +681,7 @@ void backward_impl(const T* go, const T* x, const T* t0, const T* inv_h, const T
   const int K = KC > 0 ? KC : k_rt;
   const int64_t L = g.in_size();
   const bool derivative = gx != nullptr;
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), derivative);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), derivative, true);
   Local<T> loc(K, chunk * g.C * L, derivative);
   if (gw != nullptr) std::fill(gw, gw + g.C * g.taps() * g.S * g.Og, T(0));
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
