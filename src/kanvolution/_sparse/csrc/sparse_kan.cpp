@@ -385,10 +385,10 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   const int64_t n_blocks = int64_t(blocks.size());
   const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
   const TapOffsets offsets(g);
+  const int64_t per_set = g.groups * n_blocks;  // tasks per set of samples
   // At least enough samples per chunk for one task per thread.
-  const int64_t per_task_set = std::max<int64_t>(1, g.groups * n_blocks);
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false,
-                                      (at::get_num_threads() + per_task_set - 1) / per_task_set);
+  const int64_t set_tasks = std::max<int64_t>(1, per_set);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false, (at::get_num_threads() + set_tasks - 1) / set_tasks);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
@@ -397,7 +397,6 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
     // rows are read once per set, while they are in cache, instead of once per sample. Each
     // output's sum keeps its order (channels, taps, spans), whatever the sets.
-    const int64_t per_set = g.groups * n_blocks;
     const int64_t block_bytes = std::max<int64_t>(1, P * (blocks.empty() ? 1 : blocks[0].second) * 64);
     int64_t ns = std::max<int64_t>(1, std::min<int64_t>({kSampleSet, nn, kSetBytes / block_bytes}));
     while (ns > 1 && (nn + ns - 1) / ns * per_set < at::get_num_threads()) --ns;
