@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from kanvolution import KANConv2d, _sparse
+from kanvolution.experiments.environment import cpu_name
 from kanvolution.experiments.bench import make_train_step
 from kanvolution.models import create_model
 from kanvolution.ops import sparse
@@ -212,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     if not _sparse.available():
         raise SystemExit("the sparse kernels could not be built")
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} "
-          "(other processes share these cores: compare ratios from this run, not absolute times)")
-    result = {"torch": torch.__version__, "cpus": os.cpu_count(), "load_average": load, "reps": args.reps,
+    print(f"torch {torch.__version__}, {cpu_name()} ({platform.machine()}), {os.cpu_count()} CPUs, load average "
+          f"{load:.1f} (other processes share these cores: compare ratios from this run, not absolute times)")
+    result = {"torch": torch.__version__, "cpu": cpu_name(), "cpus": os.cpu_count(), "load_average": load,
+              "reps": args.reps,
               "time": [] if args.no_layers else [row for t in args.threads for row in time_layers(t, args.reps, args.sweep)]}
     if not args.no_models:
         result["models"] = [row for t in args.threads for row in time_models(t, 3 * args.reps)]

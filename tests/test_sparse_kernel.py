@@ -387,6 +387,33 @@ def test_layers_match_reference_on_both_paths(sparse_calls, mode, kind):
     assert sparse_calls == {"forward": expected_calls, "backward": expected_calls}
 
 
+def test_kept_buffers_shared_by_layers_and_calls(sparse_calls):
+    """The wide kernels pack into kept per-thread buffers: two same-shaped layers in a row (their
+    backward passes reuse the buffers the forwards filled) give the dense path's gradients, and
+    returned gradients never alias a buffer (a later call leaves them as they were)."""
+    from kanvolution.ops.kan import _workspace, release_workspace
+
+    torch.manual_seed(5)
+    model = nn.Sequential(KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64),
+                          KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64))
+    x = torch.randn(2, 40, 6, 6, dtype=F64)
+    S.set_mode("never")
+    want = _train_step(model, x)
+    S.set_mode("always")
+    release_workspace()
+    got = _train_step(model, x)
+    assert sparse_calls == {"forward": 2, "backward": 2}
+    assert set(_workspace.buffers) == {"packed", "packed_grad"}
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-9
+    kept = [p.grad for p in model.parameters()]
+    snapshot = [g.clone() for g in kept]
+    _train_step(model, torch.randn(2, 40, 6, 6, dtype=F64))
+    assert all(torch.equal(k, s) for k, s in zip(kept, snapshot))
+    release_workspace()
+    assert not _workspace.buffers
+
+
 def _train_step(model, x):
     model.zero_grad(set_to_none=True)
     out = model(x)

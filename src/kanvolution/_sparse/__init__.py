@@ -280,19 +280,24 @@ class _Conv:
     def narrow(self) -> bool:
         return self.kernel_kind == "narrow"
 
-    def pack(self, weight: Tensor) -> Tensor:
-        """The combined weight packed ``(C, taps, G+3K+1, O/groups)``, what :func:`pack_weight` gives."""
-        c, og = self.x.shape[1], self.weight_shape[0] // self.groups
+    def packed_shape(self) -> tuple[int, int, int, int]:
+        """``(C, taps, G+3K+1, O/groups)``: the packed weight's shape (and its gradient's)."""
         taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
-        packed = weight.new_empty((c, taps, self.n_knots + self.K, og))
+        return (self.x.shape[1], taps, self.n_knots + self.K, self.weight_shape[0] // self.groups)
+
+    def pack(self, weight: Tensor, out: Tensor | None = None) -> Tensor:
+        """The combined weight packed ``(C, taps, G+3K+1, O/groups)``, what :func:`pack_weight` gives
+        (into ``out``, of :meth:`packed_shape`, if given)."""
+        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+        packed = weight.new_empty(self.packed_shape()) if out is None else out
         # One pass in C++ (what pack_weight computes, without its temporaries).
         _ops().pack(weight.reshape(weight.shape[0], weight.shape[1], taps).contiguous(), self.groups, self.K, packed)
         return packed
 
-    def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True):
-        """:meth:`pack`, and for the narrow kernels the tables (the power form for the forward, the
-        derivative for the input gradient)."""
-        packed = self.pack(weight)
+    def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True, out: Tensor | None = None):
+        """:meth:`pack` (into ``out`` if given), and for the narrow kernels the tables (the power form
+        for the forward, the derivative for the input gradient)."""
+        packed = self.pack(weight, out)
         return _Narrow(packed, self, derivative, forward) if self.narrow else packed
 
     def _silu(self) -> Tensor:
@@ -335,14 +340,17 @@ class _Conv:
         return g if self.narrow else g.contiguous()  # the narrow kernels take any strides
 
     def backward(self, grad_out: Tensor, prepared, shape: torch.Size, need_x: bool = True,
-                 need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
-        """Input and weight gradients (``None`` where not needed); one pass on the narrow kernels."""
+                 need_w: bool = True, scratch: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Input and weight gradients (``None`` where not needed); one pass on the narrow kernels.
+        ``scratch``: room of :meth:`packed_shape` for the wide kernels' packed weight gradient
+        (else allocated)."""
         if not self.narrow:
             if not (need_x and need_w):
                 return (self.grad_input(grad_out, prepared, shape) if need_x else None,
-                        self.grad_weight(grad_out) if need_w else None)
+                        self.grad_weight(grad_out, scratch=scratch) if need_w else None)
             # Both in one call: one local form per batch chunk serves both gradients.
-            gx, gw = torch.empty_like(self.x), torch.empty_like(prepared)
+            gx = torch.empty_like(self.x)
+            gw = torch.empty_like(prepared) if scratch is None else scratch
             _ops().backward(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), gx, gw)
             return gx.reshape(shape), self._unpack(gw)
         c, empty = self.x.shape[1], self.x.new_empty(0)
@@ -363,14 +371,12 @@ class _Conv:
         _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), out)
         return out.reshape(shape)
 
-    def grad_weight(self, grad_out: Tensor, prepared=None) -> Tensor:
-        c, og = self.x.shape[1], self.weight_shape[0] // self.groups
-        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
+    def grad_weight(self, grad_out: Tensor, prepared=None, scratch: Tensor | None = None) -> Tensor:
         if self.narrow:
             if prepared is None:  # only the lane layout's width is read
-                prepared = _Narrow(self.x.new_zeros((c, taps, self.n_knots + self.K, og)), self, False, False)
+                prepared = _Narrow(self.x.new_zeros(self.packed_shape()), self, False, False)
             return self.backward(grad_out, prepared, self.x.shape, need_x=False)[1]
-        packed = self.x.new_empty((c, taps, self.n_knots + self.K, og))
+        packed = self.x.new_empty(self.packed_shape()) if scratch is None else scratch
         _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
         return self._unpack(packed)
 

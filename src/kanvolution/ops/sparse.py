@@ -119,8 +119,20 @@ def forward(x, state, weight, basis, option, activation, stride, dilation, group
 
     conv = _conv(x, state, weight, option, stride, dilation, groups)
     fmt = _memory_format(len(stride), channels_last)
-    out = conv.forward(conv.prepare(weight, derivative=False), channels_last=fmt != torch.contiguous_format)
+    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, weight, "packed")),
+                       channels_last=fmt != torch.contiguous_format)
     return _canonical(out, fmt)
+
+
+def _scratch(conv, like: Tensor, slot: str) -> Tensor | None:
+    """A kept buffer of the packed weight's shape for the wide kernels (``None``: the narrow
+    kernels, which keep their own tables). The packed weight and its gradient only live within
+    one call, and at tens of MiB a fresh one costs as much in page faults as packing it."""
+    if conv.narrow:
+        return None
+    from .kan import _workspace_tensor
+
+    return _workspace_tensor(conv.packed_shape(), like, slot)
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
@@ -130,8 +142,11 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
         return None
     need_x, need_w = output_mask
     conv = _conv(x, state, weight, option, stride, dilation, groups)
-    prepared = conv.prepare(weight, forward=False, derivative=need_x) if need_x or conv.narrow else None
-    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w)
+    prepared = None
+    if need_x or conv.narrow:
+        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, weight, "packed"))
+    scratch = _scratch(conv, weight, "packed_grad") if need_w else None
+    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch)
     grad_x = x.new_empty(0)
     if need_x:
         grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
