@@ -280,18 +280,21 @@ class _Conv:
     def narrow(self) -> bool:
         return self.kernel_kind == "narrow"
 
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1] * self.kernel[2]
+
     def packed_shape(self) -> tuple[int, int, int, int]:
         """``(C, taps, G+3K+1, O/groups)``: the packed weight's shape (and its gradient's)."""
-        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
-        return (self.x.shape[1], taps, self.n_knots + self.K, self.weight_shape[0] // self.groups)
+        return (self.x.shape[1], self.taps, self.n_knots + self.K, self.weight_shape[0] // self.groups)
 
     def pack(self, weight: Tensor, out: Tensor | None = None) -> Tensor:
         """The combined weight packed ``(C, taps, G+3K+1, O/groups)``, what :func:`pack_weight` gives
         (into ``out``, of :meth:`packed_shape`, if given)."""
-        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
         packed = weight.new_empty(self.packed_shape()) if out is None else out
         # One pass in C++ (what pack_weight computes, without its temporaries).
-        _ops().pack(weight.reshape(weight.shape[0], weight.shape[1], taps).contiguous(), self.groups, self.K, packed)
+        _ops().pack(weight.reshape(weight.shape[0], weight.shape[1], self.taps).contiguous(), self.groups, self.K,
+                    packed)
         return packed
 
     def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True, out: Tensor | None = None):
@@ -308,10 +311,9 @@ class _Conv:
     def _unpack(self, packed: Tensor) -> Tensor:
         """A packed weight gradient to the combined layout, in one compiled pass (what
         :func:`unpack_weight` computes, without its temporaries)."""
-        taps = self.kernel[0] * self.kernel[1] * self.kernel[2]
         out = self.x.new_empty(self.weight_shape)
         _ops().unpack(packed.contiguous(), self.groups, self.K,
-                      out.view(self.weight_shape[0], self.weight_shape[1], taps))
+                      out.view(self.weight_shape[0], self.weight_shape[1], self.taps))
         return out
 
     def forward(self, prepared, channels_last: bool = True) -> Tensor:
