@@ -233,8 +233,10 @@ def _conv_pool_trunk():
 
 
 @pytest.mark.parametrize("options", [
+    # Not strict: whether inductor's heuristics make the faulty reordering depends on what else the
+    # process compiled before (seen both ways on this trunk); COMPILE_OPTIONS below must always pass.
     pytest.param({}, marks=pytest.mark.xfail(
-        strict=True, reason="torch 2.13 inductor's peak-memory reordering runs the max-pool backward "
+        strict=False, reason="torch 2.13 inductor's peak-memory reordering may run the max-pool backward "
         "scatter after its reader: zero convolution gradients")),
     COMPILE_OPTIONS,
 ], ids=["inductor-defaults", "compile-options"])

@@ -306,7 +306,7 @@ from torch import nn  # noqa: E402
 
 from kanvolution import KANConv1d, KANConv2d, KANConv3d, KANLinear  # noqa: E402
 from kanvolution.models import create_model  # noqa: E402
-from kanvolution.ops import kan_backward, kan_forward  # noqa: E402
+from kanvolution.ops import kan_backward, kan_backward_factored, kan_forward, kan_forward_factored  # noqa: E402
 from kanvolution.ops import sparse as S  # noqa: E402
 
 F32 = torch.float32
@@ -333,6 +333,8 @@ def sparse_calls(monkeypatch):
 
     monkeypatch.setattr(S, "forward", counted("forward", S.forward))
     monkeypatch.setattr(S, "backward", counted("backward", S.backward))
+    monkeypatch.setattr(S, "forward_factored", counted("forward", S.forward_factored))
+    monkeypatch.setattr(S, "backward_factored", counted("backward", S.backward_factored))
     yield counts
     S.set_mode(None)
 
@@ -362,6 +364,80 @@ def test_opcheck_on_the_sparse_path(sparse_calls, kind, dtype):
     for mask in ([True, True], [True, False], [False, True]):
         torch.library.opcheck(kan_backward, (grad, xl.detach(), layer.grid, weight.detach(), *conf, mask))
     assert sparse_calls["forward"] > 0 and sparse_calls["backward"] > 0
+
+
+def _factored_args(layer, x, channels_last=False):
+    xl = x.movedim(1, -1).contiguous() if channels_last else x.movedim(1, -1)
+    conf = ("bspline", layer.spline_order, "silu", list(getattr(layer, "stride", ())),
+            list(getattr(layer, "dilation", ())), layer.groups)
+    weights = [w.detach().requires_grad_() for w in (layer.base_weight, layer.spline_weight, layer.spline_scaler)]
+    return xl.detach().requires_grad_(), weights, conf
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+@pytest.mark.parametrize("kind", list(OP_LAYERS))
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_opcheck_factored_op_on_both_paths(sparse_calls, mode, kind, dtype):
+    """The op on the layer's three weights: opcheck (fake kernel, autograd, schema) on the sparse
+    kernels (narrow and wide: 20 outputs per group in float32 and float64) and the dense path, every
+    output mask of its backward."""
+    S.set_mode(mode)
+    layer, x = _op_layer(kind, dtype)
+    channels_last = kind == "conv2d" and dtype == F32
+    xl, weights, conf = _factored_args(layer, x, channels_last)
+    args = (xl, layer.grid, *weights, *conf, channels_last)
+    torch.library.opcheck(kan_forward_factored, args)
+    grad = torch.randn_like(kan_forward_factored(*args))
+    detached = (xl.detach(), layer.grid, *(w.detach() for w in weights))
+    for mask in ([True, True, True, True], [True, False, False, False], [False, True, False, True],
+                 [False, False, True, False]):
+        torch.library.opcheck(kan_backward_factored, (grad, *detached, *conf, mask))
+    expected = 0 if mode == "never" else 1
+    assert (sparse_calls["forward"] > 0) == bool(expected) and (sparse_calls["backward"] > 0) == bool(expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_factored_op_is_the_combined_op(sparse_calls, kind):
+    """On the sparse kernels the factored op packs the very weight the combined one packs (the same
+    output bit for bit); its weight gradients are the combination's backward of kan_backward's;
+    gradcheck in float64."""
+    S.set_mode("always")
+    layer, x = _op_layer(kind)
+    xl, weights, conf = _factored_args(layer, x)
+    combined = KF.combine_weights(*weights)
+    assert torch.equal(kan_forward_factored(xl, layer.grid, *weights, *conf, False),
+                       kan_forward(xl, layer.grid, combined, *conf, False))
+    grad = torch.randn_like(kan_forward(xl, layer.grid, combined, *conf, False))
+    gx, gw = kan_backward(grad, xl.detach(), layer.grid, combined.detach(), *conf, [True, True])
+    want = torch.autograd.grad(combined, weights, gw)
+    got = kan_backward_factored(grad, xl.detach(), layer.grid, *(w.detach() for w in weights), *conf,
+                                [True, True, True, True])
+    assert torch.equal(got[0], gx)
+    for g, w in zip(got[1:], want):
+        assert _rel(g, w) < 1e-12
+    small = [w.detach()[:2].clone().requires_grad_() for w in weights]  # 2 outputs: a quick gradcheck
+    assert torch.autograd.gradcheck(lambda a, b, c, d: kan_forward_factored(a, layer.grid, b, c, d, *conf, False),
+                                    (xl, *small))
+    assert sparse_calls["forward"] > 0
+
+
+def test_pack3_and_unpack3_against_the_combination():
+    """pack3 of the three weights is pack of their combination, bit for bit (groups, 3x3 kernel);
+    unpack3 of a packed gradient is the combination's backward of unpack."""
+    torch.manual_seed(2)
+    params, grid = _params(6, 8, (3, 3), 2, 7, 2, torch.float32)
+    x = torch.rand(1, 6, 5, 5) * 2 - 1
+    weight = KF.combine_weights(*params).detach()
+    conv = _sparse._Conv(x, *_sparse.knot_params(grid), weight.shape, 2, 1, 1, 2)
+    assert torch.equal(conv.pack(tuple(p.detach() for p in params)), conv.pack(weight))
+    packed_grad = torch.randn(conv.packed_shape())
+    w = [p.detach().requires_grad_() for p in params]
+    want = torch.autograd.grad(KF.combine_weights(*w), w, conv._unpack(packed_grad))
+    got = conv.unpack3(packed_grad, params[1].detach(), params[2].detach())
+    for g, e in zip(got, want):
+        assert g.shape == e.shape and _rel(g, e) < 1e-6
+    only = conv.unpack3(packed_grad, params[1].detach(), params[2].detach(), (False, True, False))
+    assert only[0] is None and only[2] is None and torch.equal(only[1], got[1])
 
 
 @pytest.mark.parametrize("mode", ["always", "never"])

@@ -2,7 +2,7 @@
 
 ``KANConv1d/2d/3d`` and ``KANLinear`` are drop-in replacements for ``nn.Conv1d/2d/3d`` and
 ``nn.Linear`` whose kernel taps are learnable functions (B-splines plus a SiLU base term). The
-fused layer is the registered op ``torch.ops.kanvolution.kan_forward`` (:mod:`kanvolution.ops`),
+fused layer is the registered op ``torch.ops.kanvolution.kan_forward_factored`` (:mod:`kanvolution.ops`),
 which ``torch.compile``, ``torch.export`` and ONNX export (:mod:`kanvolution.export`) see through.
 """
 from . import functional, ops

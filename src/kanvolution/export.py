@@ -1,7 +1,7 @@
 """Export KAN models: ``torch.export`` programs (``.pt2``) and ONNX files checked with onnxruntime.
 
-The exported program keeps the op ``kanvolution::kan_forward`` (load it back after
-``import kanvolution``). ONNX has no such op: :func:`export_onnx` first replaces it by its
+The exported program keeps the layers' op ``kanvolution::kan_forward_factored`` (load it back
+after ``import kanvolution``). ONNX has no such op: :func:`export_onnx` first replaces it by its
 decomposition into standard aten operations (the dense expansion and one convolution), so the
 ONNX graph holds plain operators only. ONNX needs the ``export`` extra
 (``pip install "kanvolution[export]"``: onnx, onnxscript, onnxruntime).

@@ -8,7 +8,8 @@ input and sums the results. Because the bases of a pixel depend only on its valu
 channel's knots, the layer equals ONE ordinary convolution of the *expanded* input
 ``[act(x), B_0(x), ..., B_{G+K-1}(x)]`` (``G + K + 1`` maps per input channel) with the weight
 ``[w_base, w_scale * c_0, ..., w_scale * c_{G+K-1}]``. That convolution is the registered op
-``torch.ops.kanvolution.kan_forward`` (:mod:`kanvolution.ops`): it evaluates only the ``K + 1``
+``torch.ops.kanvolution.kan_forward_factored`` (:mod:`kanvolution.ops`; it takes the three
+weights, ``kan_forward`` the combined one): it evaluates only the ``K + 1``
 non-zero bases of each pixel, never keeps the expansion for backward (it is recomputed there), and
 is seen through by ``torch.compile``, ``torch.export`` and the ONNX exporter.
 
@@ -31,7 +32,8 @@ from torch import Tensor
 
 from .ops import activation_name, get_basis
 from .ops.bspline import b_splines
-from .ops.kan import EXPANSION_CHUNK_BYTES, dense_kan, kan_forward, release_workspace
+from .ops.kan import (EXPANSION_CHUNK_BYTES, combine_weights, dense_kan, kan_forward, kan_forward_factored,
+                      release_workspace)
 
 __all__ = [
     "PaddingMode",
@@ -178,17 +180,6 @@ def pad_input(x: Tensor, pad: Sequence[int], padding_mode: str) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def combine_weights(base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor) -> Tensor:
-    """One weight for the expanded input: ``(out, in * (G+K+1), *kernel)``."""
-    out_c, in_c = base_weight.shape[:2]
-    kernel = base_weight.shape[2:]
-    scaled = (spline_weight * spline_scaler.unsqueeze(-1)).movedim(-1, 2)  # (out, in, G+K, *kernel)
-    w = torch.cat([base_weight.unsqueeze(2), scaled], dim=2)
-    return w.reshape((out_c, in_c * w.shape[2]) + tuple(kernel))
-
-
-
-
 def _autocast_dtype(x: Tensor, layer_dtype: torch.dtype) -> torch.dtype | None:
     """The autocast dtype that applies to a layer of ``layer_dtype`` on ``x``'s device, if any."""
     device = x.device.type
@@ -198,24 +189,30 @@ def _autocast_dtype(x: Tensor, layer_dtype: torch.dtype) -> torch.dtype | None:
     return None if dtype == layer_dtype else dtype
 
 
-def _kan(x: Tensor, grid: Tensor, weight: Tensor, bias: Tensor | None, spline_order: int,
+def _kan(x: Tensor, grid: Tensor, weights: tuple[Tensor, Tensor, Tensor], bias: Tensor | None, spline_order: int,
          base_activation: Activation, stride: Sequence[int], dilation: Sequence[int], groups: int,
          naive: bool, channels_last: bool = False, basis: str = "bspline") -> Tensor:
-    """The layer on the padded input: autocast policy, then the op (or the naive path)."""
+    """The layer on the padded input from its three weights: autocast policy, then the op (or the
+    naive path)."""
     low = _autocast_dtype(x, grid.dtype)
-    if low is not None:  # bases on float32 knots, convolution and output in the autocast dtype
-        x = x.to(grid.dtype)
-        weight = weight.to(low)
-        bias = None if bias is None else bias.to(low)
     name = activation_name(base_activation)
-    if naive or name is None:
-        act = _activation_callable(base_activation)
-        out = dense_kan(x, grid, weight, basis, spline_order, act, stride, dilation, groups)
-    else:
+    if low is None and not naive and name is not None:
         # The op takes x as (N, *S, C); a view, not a copy: the sparse kernels read it channels-first
         # (the layout it has here), the dense path makes it contiguous itself.
-        out = kan_forward(x.movedim(1, -1), grid, weight, basis, spline_order, name, list(stride),
-                          list(dilation), groups, channels_last)
+        out = kan_forward_factored(x.movedim(1, -1), grid, *weights, basis, spline_order, name, list(stride),
+                                   list(dilation), groups, channels_last)
+    else:
+        weight = combine_weights(*weights)
+        if low is not None:  # bases on float32 knots, convolution and output in the autocast dtype
+            x = x.to(grid.dtype)
+            weight = weight.to(low)
+            bias = None if bias is None else bias.to(low)
+        if naive or name is None:
+            act = _activation_callable(base_activation)
+            out = dense_kan(x, grid, weight, basis, spline_order, act, stride, dilation, groups)
+        else:
+            out = kan_forward(x.movedim(1, -1), grid, weight, basis, spline_order, name, list(stride),
+                              list(dilation), groups, channels_last)
     if bias is not None:
         out = out + bias.view((1, -1) + (1,) * len(stride))
     return out
@@ -259,9 +256,9 @@ def _kan_convnd(ndim, input, base_weight, spline_weight, spline_scaler, grid, bi
     dilation = _ntuple(dilation, ndim, "dilation")
     pad = resolve_padding(padding, kernel, dilation, stride)
     x = pad_input(input, pad, padding_mode)
-    weight = combine_weights(base_weight, spline_weight, spline_scaler)
     channels_last = suggests_channels_last(input) or suggests_channels_last(base_weight)
-    return _kan(x, grid, weight, bias, spline_order, base_activation, stride, dilation, groups, naive, channels_last,
+    return _kan(x, grid, (base_weight, spline_weight, spline_scaler), bias, spline_order, base_activation, stride,
+                dilation, groups, naive, channels_last,
                 basis)
 
 
@@ -352,6 +349,6 @@ def _kan_linear(input, base_weight, spline_weight, spline_scaler, grid, bias, sp
     lead = input.shape[:-1]
     x = input.reshape(-1, input.shape[-1])
     _check_kan_args(x, base_weight, spline_weight, spline_scaler, grid, spline_order, 1, basis)
-    weight = combine_weights(base_weight, spline_weight, spline_scaler)
-    out = _kan(x, grid, weight, bias, spline_order, base_activation, (), (), 1, naive, basis=basis)
+    out = _kan(x, grid, (base_weight, spline_weight, spline_scaler), bias, spline_order, base_activation, (), (), 1,
+               naive, basis=basis)
     return out.view(*lead, out.shape[-1])

@@ -288,16 +288,39 @@ class _Conv:
         """``(C, taps, G+3K+1, O/groups)``: the packed weight's shape (and its gradient's)."""
         return (self.x.shape[1], self.taps, self.n_knots + self.K, self.weight_shape[0] // self.groups)
 
-    def pack(self, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    def pack(self, weight: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor | None = None) -> Tensor:
         """The combined weight packed ``(C, taps, G+3K+1, O/groups)``, what :func:`pack_weight` gives
-        (into ``out``, of :meth:`packed_shape`, if given)."""
+        (into ``out``, of :meth:`packed_shape`, if given). ``weight`` may also be the layer's three
+        weights ``(base_weight, spline_weight, spline_scaler)``: they are packed as their combination
+        (:func:`kanvolution.functional.combine_weights`, the same values), which is never built."""
+        if isinstance(weight, (tuple, list)):
+            base, spline, scaler = (t.contiguous() for t in weight)
+            packed = base.new_empty(self.packed_shape()) if out is None else out
+            o, cg = base.shape[:2]
+            _ops().pack3(base.view(o, cg, self.taps), spline.view(o, cg, self.taps, spline.shape[-1]),
+                         scaler.view(o, cg, self.taps), self.groups, self.K, packed)
+            return packed
         packed = weight.new_empty(self.packed_shape()) if out is None else out
         # One pass in C++ (what pack_weight computes, without its temporaries).
         _ops().pack(weight.reshape(weight.shape[0], weight.shape[1], self.taps).contiguous(), self.groups, self.K,
                     packed)
         return packed
 
-    def prepare(self, weight: Tensor, forward: bool = True, derivative: bool = True, out: Tensor | None = None):
+    def unpack3(self, packed: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
+                need: Sequence[bool] = (True, True, True)) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """A packed weight gradient (of :meth:`packed_shape`) as the gradients of the three weights
+        that :meth:`pack` combines: ``(base, spline, scaler)``, each ``None`` where ``need`` says so."""
+        spline = spline_weight.contiguous()
+        scaler = spline_scaler.contiguous()
+        o, cg = scaler.shape[:2]
+        grads = [torch.empty_like(t) if n else packed.new_empty(0) for t, n in zip((scaler, spline, scaler), need)]
+        views = [g.view(o, cg, self.taps, *g.shape[2 + (self.ndim):]) if g.numel() else g for g in grads]
+        _ops().unpack3(packed.contiguous(), spline.view(o, cg, self.taps, spline.shape[-1]),
+                       scaler.view(o, cg, self.taps), self.groups, self.K, *views)
+        return tuple(g if n else None for g, n in zip(grads, need))
+
+    def prepare(self, weight: Tensor | tuple[Tensor, Tensor, Tensor], forward: bool = True, derivative: bool = True,
+                out: Tensor | None = None):
         """:meth:`pack` (into ``out`` if given), and for the narrow kernels the tables (the power form
         for the forward, the derivative for the input gradient)."""
         packed = self.pack(weight, out)
@@ -342,19 +365,21 @@ class _Conv:
         return g if self.narrow else g.contiguous()  # the narrow kernels take any strides
 
     def backward(self, grad_out: Tensor, prepared, shape: torch.Size, need_x: bool = True,
-                 need_w: bool = True, scratch: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                 need_w: bool = True, scratch: Tensor | None = None,
+                 unpack: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """Input and weight gradients (``None`` where not needed); one pass on the narrow kernels.
         ``scratch``: room of :meth:`packed_shape` for the wide kernels' packed weight gradient
-        (else allocated)."""
+        (else allocated). ``unpack=False``: the weight gradient in the packed layout (for
+        :meth:`unpack3`; it may be ``scratch``)."""
         if not self.narrow:
             if not (need_x and need_w):
                 return (self.grad_input(grad_out, prepared, shape) if need_x else None,
-                        self.grad_weight(grad_out, scratch=scratch) if need_w else None)
+                        self.grad_weight(grad_out, scratch=scratch, unpack=unpack) if need_w else None)
             # Both in one call: one local form per batch chunk serves both gradients.
             gx = torch.empty_like(self.x)
             gw = torch.empty_like(prepared) if scratch is None else scratch
             _ops().backward(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), gx, gw)
-            return gx.reshape(shape), self._unpack(gw)
+            return gx.reshape(shape), (self._unpack(gw) if unpack else gw)
         c, empty = self.x.shape[1], self.x.new_empty(0)
         gx = torch.empty_like(self.x) if need_x else empty
         gw = self.x.new_empty((c, self.n_knots + self.K, prepared.Wb.shape[1])) if need_w else empty
@@ -363,7 +388,8 @@ class _Conv:
                                prepared.Dt if need_x else empty, prepared.Wb, *self.geometry(), gx, gw)
         grad_w = None
         if need_w:
-            grad_w = self._unpack(_from_lanes(gw, self.kernel, self.weight_shape[0] // self.groups).transpose(1, 2))
+            grad_w = _from_lanes(gw, self.kernel, self.weight_shape[0] // self.groups).transpose(1, 2)
+            grad_w = self._unpack(grad_w) if unpack else grad_w.contiguous()
         return (gx.reshape(shape) if need_x else None), grad_w
 
     def grad_input(self, grad_out: Tensor, prepared, shape: torch.Size) -> Tensor:
@@ -373,14 +399,15 @@ class _Conv:
         _ops().grad_input(self._grad_out(grad_out), self.x, *self.args(), prepared, *self.geometry(), out)
         return out.reshape(shape)
 
-    def grad_weight(self, grad_out: Tensor, prepared=None, scratch: Tensor | None = None) -> Tensor:
+    def grad_weight(self, grad_out: Tensor, prepared=None, scratch: Tensor | None = None,
+                    unpack: bool = True) -> Tensor:
         if self.narrow:
             if prepared is None:  # only the lane layout's width is read
                 prepared = _Narrow(self.x.new_zeros(self.packed_shape()), self, False, False)
-            return self.backward(grad_out, prepared, self.x.shape, need_x=False)[1]
+            return self.backward(grad_out, prepared, self.x.shape, need_x=False, unpack=unpack)[1]
         packed = self.x.new_empty(self.packed_shape()) if scratch is None else scratch
         _ops().grad_weight(self._grad_out(grad_out), self.x, *self.args(), *self.geometry(), packed)
-        return self._unpack(packed)
+        return self._unpack(packed) if unpack else packed
 
 
 def kan_conv(x: Tensor, t0: Tensor, inv_h: Tensor, weight: Tensor, spline_order: int, stride: _IntOrTuple = 1,

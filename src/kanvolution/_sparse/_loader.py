@@ -10,7 +10,7 @@ SPARSE = build.Extension(
     source=Path(__file__).with_name("csrc") / "sparse_kan.cpp",
     prefix="kanvolution_sparse",
     namespace="kanvolution_sparse",
-    ops=("pack", "unpack", "forward", "grad_input", "grad_weight", "narrow_forward", "narrow_backward"),
+    ops=("pack", "unpack", "pack3", "unpack3", "forward", "grad_input", "grad_weight", "narrow_forward", "narrow_backward"),
     what="the sparse CPU kernels",
     fallback="the dense path",
     # The inner loops are plain loops over output channels: the compiler vectorises them for the

@@ -8,6 +8,13 @@ Schemas::
         int option, str activation, int[] stride, int[] dilation, int groups,
         bool[] output_mask) -> (Tensor, Tensor)
 
+    kanvolution::kan_forward_factored(Tensor x, Tensor state, Tensor base_weight, Tensor spline_weight,
+        Tensor spline_scaler, str basis, int option, str activation, int[] stride, int[] dilation,
+        int groups, bool channels_last) -> Tensor
+    kanvolution::kan_backward_factored(Tensor grad_out, Tensor x, Tensor state, Tensor base_weight,
+        Tensor spline_weight, Tensor spline_scaler, str basis, int option, str activation, int[] stride,
+        int[] dilation, int groups, bool[] output_mask) -> (Tensor, Tensor, Tensor, Tensor)
+
 ``x`` is the padded input laid out channel-last, ``(N, *S, C)`` (``(N, C)`` for the dense layer;
 best contiguous: the layers pass ``input.movedim(1, -1).contiguous()``, a view for channels-last
 inputs), ``state`` the basis family's per-channel state (the knots for ``basis="bspline"``,
@@ -17,6 +24,14 @@ dense; ``len(stride)`` is the number of spatial dimensions). The forward expands
 expansion with ``weight``. The expansion is built channel-last, batch chunk by batch chunk, and
 never kept: autograd saves ``x``, ``state`` and ``weight`` only, and the backward recomputes it.
 The output is ``(N, O, *S_out)`` like ``nn.ConvNd``'s (channels-last strides if ``channels_last``).
+
+The ``_factored`` pair computes the same layer from the layer's three weights (``base_weight``
+``(O, C / groups, *kernel)``, ``spline_weight`` ``(O, C / groups, *kernel, n)``, ``spline_scaler`` like
+``base_weight``) and returns their three gradients (``output_mask``: x, base, spline, scaler): its
+value is ``kan_forward`` of :func:`combine_weights` of them, but where the sparse kernels run, the
+three are packed for them in one pass and the packed gradient is split into theirs in one pass, so
+the combined weight (and the elementwise passes of its combination and of its backward) never
+exist. The layers call it; ``kan_forward`` stays for a weight given combined.
 
 Dtypes: the expansion is computed in ``x``'s dtype (which must be ``state``'s), then the
 convolution runs in ``weight``'s dtype, which is the output's. Under autocast the layers pass
@@ -41,8 +56,8 @@ from . import sparse
 from .activations import ACTIVATIONS
 from .bases import get_basis
 
-__all__ = ["kan_forward", "kan_backward", "dense_kan", "decompositions", "release_workspace",
-           "EXPANSION_CHUNK_BYTES", "COMPILE_OPTIONS"]
+__all__ = ["kan_forward", "kan_backward", "kan_forward_factored", "kan_backward_factored", "combine_weights",
+           "dense_kan", "decompositions", "release_workspace", "EXPANSION_CHUNK_BYTES", "COMPILE_OPTIONS"]
 
 # The expansion of one batch chunk is kept under this many bytes; larger batches are processed
 # chunk by chunk in forward and backward, which bounds peak memory independently of batch size.
@@ -86,6 +101,26 @@ def release_workspace() -> None:
     """Free this thread's cached scratch buffers (the expansion chunk, the sparse kernels' packed
     weight and gradient)."""
     _workspace.buffers = {}
+
+
+def combine_weights(base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor) -> Tensor:
+    """One weight for the expanded input: ``(out, in * (G+K+1), *kernel)``."""
+    out_c, in_c = base_weight.shape[:2]
+    kernel = base_weight.shape[2:]
+    scaled = (spline_weight * spline_scaler.unsqueeze(-1)).movedim(-1, 2)  # (out, in, G+K, *kernel)
+    w = torch.cat([base_weight.unsqueeze(2), scaled], dim=2)
+    return w.reshape((out_c, in_c * w.shape[2]) + tuple(kernel))
+
+
+def _split_grad(grad_w: Tensor, spline_weight: Tensor, spline_scaler: Tensor, need: Sequence[bool]) -> list[Tensor]:
+    """The gradient of the combined weight as the three weights' gradients (the backward of
+    :func:`combine_weights`), contiguous; empty where ``need`` says so."""
+    o, cg = spline_scaler.shape[:2]
+    view = grad_w.reshape((o, cg, 1 + spline_weight.shape[-1]) + tuple(spline_scaler.shape[2:]))
+    g_spline = view[:, :, 1:].movedim(2, -1)
+    return [view[:, :, 0].contiguous() if need[0] else grad_w.new_empty(0),
+            (g_spline * spline_scaler.unsqueeze(-1)).contiguous() if need[1] else grad_w.new_empty(0),
+            (g_spline * spline_weight).sum(-1).contiguous() if need[2] else grad_w.new_empty(0)]
 
 
 def _chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
@@ -237,6 +272,78 @@ def _backward_fake(grad_out, x, state, weight, basis, option, activation, stride
     return grad_x, (torch.empty_like(weight) if need_w else weight.new_empty(0))
 
 
+@torch.library.custom_op("kanvolution::kan_forward_factored", mutates_args=())
+def kan_forward_factored(x: Tensor, state: Tensor, base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
+                         basis: str, option: int, activation: str, stride: list[int], dilation: list[int],
+                         groups: int, channels_last: bool) -> Tensor:
+    """:func:`kan_forward` of ``combine_weights(base_weight, spline_weight, spline_scaler)`` (see the
+    module docstring)."""
+    weight = combine_weights(base_weight, spline_weight, spline_scaler)
+    return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, False)
+
+
+@torch.library.custom_op("kanvolution::kan_backward_factored", mutates_args=())
+def kan_backward_factored(grad_out: Tensor, x: Tensor, state: Tensor, base_weight: Tensor, spline_weight: Tensor,
+                          spline_scaler: Tensor, basis: str, option: int, activation: str, stride: list[int],
+                          dilation: list[int], groups: int,
+                          output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`kan_forward_factored` with respect to ``x`` and the three weights (empty
+    where ``output_mask`` says they are not needed)."""
+    return _backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option,
+                              activation, stride, dilation, groups, output_mask, False)
+
+
+def _backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
+                       stride, dilation, groups, output_mask, compiled):
+    need_x, need = output_mask[0], list(output_mask[1:])
+    weight = combine_weights(base_weight, spline_weight, spline_scaler)
+    grad_x, grad_w = _backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
+                               [need_x, any(need)], compiled)
+    if not any(need):
+        return grad_x, *(w.new_empty(0) for w in (base_weight, spline_weight, spline_scaler))
+    grads = _split_grad(grad_w, spline_weight, spline_scaler, need)
+    grads = [g if not g.numel() or g.stride() == w.stride() else torch.empty_like(w).copy_(g)
+             for g, w in zip(grads, (base_weight, spline_weight, spline_scaler))]
+    return grad_x, *grads
+
+
+@kan_forward_factored.register_kernel("cpu")
+def _forward_factored_cpu(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation, stride,
+                          dilation, groups, channels_last):
+    out = sparse.forward_factored(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
+                                  stride, dilation, groups, channels_last)
+    if out is not None:
+        return out
+    weight = combine_weights(base_weight, spline_weight, spline_scaler)
+    return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, True)
+
+
+@kan_backward_factored.register_kernel("cpu")
+def _backward_factored_cpu(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
+                           stride, dilation, groups, output_mask):
+    grads = sparse.backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option,
+                                     activation, stride, dilation, groups, output_mask)
+    if grads is not None:
+        return grads
+    return _backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option,
+                              activation, stride, dilation, groups, output_mask, True)
+
+
+@kan_forward_factored.register_fake
+def _forward_factored_fake(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation, stride,
+                           dilation, groups, channels_last):
+    return _forward_fake(x, state, base_weight, basis, option, activation, stride, dilation, groups, channels_last)
+
+
+@kan_backward_factored.register_fake
+def _backward_factored_fake(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option,
+                            activation, stride, dilation, groups, output_mask):
+    grads = [x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)]
+    for w, need in zip((base_weight, spline_weight, spline_scaler), output_mask[1:]):
+        grads.append(torch.empty_like(w) if need else w.new_empty(0))
+    return tuple(grads)
+
+
 def _setup_context(ctx, inputs, output):
     x, state, weight, basis, option, activation, stride, dilation, groups, _ = inputs
     ctx.save_for_backward(x, state, weight)
@@ -251,6 +358,23 @@ def _autograd_backward(ctx, grad):
 
 
 kan_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _setup_context_factored(ctx, inputs, output):
+    x, state, base_weight, spline_weight, spline_scaler, basis, option, activation, stride, dilation, groups, _ = inputs
+    ctx.save_for_backward(x, state, base_weight, spline_weight, spline_scaler)
+    ctx.conf = (basis, option, activation, stride, dilation, groups)
+
+
+def _autograd_backward_factored(ctx, grad):
+    x, state, base_weight, spline_weight, spline_scaler = ctx.saved_tensors
+    need = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4)]
+    grads = kan_backward_factored(grad, x, state, base_weight, spline_weight, spline_scaler, *ctx.conf, need)
+    gx, gb, gs, gsc = (g if n else None for g, n in zip(grads, need))
+    return (gx, None, gb, gs, gsc) + (None,) * 7
+
+
+kan_forward_factored.register_autograd(_autograd_backward_factored, setup_context=_setup_context_factored)
 
 
 def dense_kan(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int, activation: Callable[[Tensor], Tensor],
@@ -268,12 +392,19 @@ def _forward_decomposition(x, state, weight, basis, option, activation, stride, 
     return out.contiguous(memory_format=_memory_format(len(stride), channels_last))
 
 
+def _forward_factored_decomposition(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
+                                    stride, dilation, groups, channels_last):
+    weight = combine_weights(base_weight, spline_weight, spline_scaler)
+    return _forward_decomposition(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last)
+
+
 def decompositions() -> dict:
     """Decomposition table of the op into aten operations, for
     :meth:`torch.export.ExportedProgram.run_decompositions`.
 
     Examples:
-        >>> torch.ops.kanvolution.kan_forward.default in decompositions()
+        >>> torch.ops.kanvolution.kan_forward_factored.default in decompositions()
         True
     """
-    return {torch.ops.kanvolution.kan_forward.default: _forward_decomposition}
+    return {torch.ops.kanvolution.kan_forward.default: _forward_decomposition,
+            torch.ops.kanvolution.kan_forward_factored.default: _forward_factored_decomposition}

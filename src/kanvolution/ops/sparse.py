@@ -4,7 +4,8 @@ The dense fused path pays ``G + K + 1`` multiply-adds per kernel tap and output 
 kernels pay ``K + 2`` whatever the grid size, but at a lower rate per multiply-add. They come in
 two forms, chosen by :func:`kanvolution._sparse.default_kernel` from the layer's width. The CPU
 kernels of ``kanvolution::kan_forward`` / ``kan_backward`` call :func:`forward` / :func:`backward`
-first; they return ``None`` (nothing done) and the dense path runs when the rule says dense.
+first (those of the ``_factored`` pair :func:`forward_factored` / :func:`backward_factored`); they
+return ``None`` (nothing done) and the dense path runs when the rule says dense.
 
 The sparse kernels apply to B-spline bases on uniform knots (adapted knots: dense), the SiLU base
 term, spline order 1..16, float32/float64 with ``x``, knots and weight of one dtype (so not under
@@ -36,7 +37,8 @@ from torch import Tensor
 from . import build
 from .bspline import _uniform_spacing
 
-__all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "backward"]
+__all__ = ["MODES", "ENV_VAR", "set_mode", "mode", "use_sparse", "forward", "backward", "forward_factored",
+           "backward_factored", "combined_shape"]
 
 ENV_VAR = "KANVOLUTION_SPARSE"
 MODES = ("auto", "always", "never")
@@ -103,25 +105,52 @@ def use_sparse(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int
     return _sparse.available()
 
 
-def _conv(x: Tensor, state: Tensor, weight: Tensor, option: int, stride, dilation, groups: int):
+def combined_shape(base_weight: Tensor, spline_weight: Tensor) -> tuple[int, ...]:
+    """The shape :func:`kanvolution.functional.combine_weights` gives the layer's three weights:
+    ``(O, C/groups * (1 + n), *kernel)``."""
+    o, cg = base_weight.shape[:2]
+    return (o, cg * (1 + spline_weight.shape[-1])) + tuple(base_weight.shape[2:])
+
+
+def _conv(x: Tensor, state: Tensor, weight_shape, option: int, stride, dilation, groups: int):
     """The sparse kernels' call for the op's channel-last ``x`` ``(N, *S, C)``."""
     from .. import _sparse
 
-    return _sparse._Conv(x.movedim(-1, 1), *_sparse.knot_params(state), weight.shape, option, list(stride) or 1,
+    return _sparse._Conv(x.movedim(-1, 1), *_sparse.knot_params(state), weight_shape, option, list(stride) or 1,
                          list(dilation) or 1, groups)
+
+
+def _forward(x, state, weight, weight_shape, option, stride, dilation, groups, channels_last) -> Tensor:
+    from .kan import _canonical, _memory_format
+
+    conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
+    fmt = _memory_format(len(stride), channels_last)
+    like = weight[0] if isinstance(weight, tuple) else weight
+    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, like, "packed")),
+                       channels_last=fmt != torch.contiguous_format)
+    return _canonical(out, fmt)
 
 
 def forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last) -> Tensor | None:
     """``kan_forward`` by the sparse kernels, or ``None`` where the rule says dense."""
     if not use_sparse(x, state, weight, basis, option, activation, groups):
         return None
-    from .kan import _canonical, _memory_format
+    return _forward(x, state, weight, weight.shape, option, stride, dilation, groups, channels_last)
 
-    conv = _conv(x, state, weight, option, stride, dilation, groups)
-    fmt = _memory_format(len(stride), channels_last)
-    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, weight, "packed")),
-                       channels_last=fmt != torch.contiguous_format)
-    return _canonical(out, fmt)
+
+def _same_dtype(*weights: Tensor) -> bool:
+    return all(w.dtype == weights[0].dtype for w in weights)
+
+
+def forward_factored(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation, stride,
+                     dilation, groups, channels_last) -> Tensor | None:
+    """``kan_forward_factored`` by the sparse kernels (the three weights packed in one pass, their
+    combination never built), or ``None`` where the rule says dense."""
+    weights = (base_weight, spline_weight, spline_scaler)
+    if not (_same_dtype(*weights) and use_sparse(x, state, base_weight, basis, option, activation, groups)):
+        return None
+    return _forward(x, state, weights, combined_shape(base_weight, spline_weight), option, stride, dilation, groups,
+                    channels_last)
 
 
 def _scratch(conv, like: Tensor, slot: str) -> Tensor | None:
@@ -135,24 +164,54 @@ def _scratch(conv, like: Tensor, slot: str) -> Tensor | None:
     return _workspace_tensor(conv.packed_shape(), like, slot)
 
 
+def _backward(grad_out, x, state, weight, weight_shape, option, stride, dilation, groups, need_x, need_w,
+              unpack: bool):
+    """The input gradient (``(N, *S, C)`` or empty) and the weight gradient: combined layout, or
+    packed (``unpack=False``: possibly a kept buffer, to be consumed before the next call)."""
+    conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
+    like = weight[0] if isinstance(weight, tuple) else weight
+    prepared = None
+    if need_x or conv.narrow:
+        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, like, "packed"))
+    scratch = _scratch(conv, like, "packed_grad") if need_w else None
+    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch, unpack=unpack)
+    grad_x = x.new_empty(0)
+    if need_x:
+        grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
+    return conv, grad_x, gw
+
+
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
              output_mask) -> tuple[Tensor, Tensor] | None:
     """``kan_backward`` by the sparse kernels, or ``None`` where the rule says dense."""
     if not use_sparse(x, state, weight, basis, option, activation, groups):
         return None
     need_x, need_w = output_mask
-    conv = _conv(x, state, weight, option, stride, dilation, groups)
-    prepared = None
-    if need_x or conv.narrow:
-        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, weight, "packed"))
-    scratch = _scratch(conv, weight, "packed_grad") if need_w else None
-    gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch)
-    grad_x = x.new_empty(0)
-    if need_x:
-        grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
+    _, grad_x, gw = _backward(grad_out, x, state, weight, weight.shape, option, stride, dilation, groups, need_x,
+                              need_w, True)
     grad_w = weight.new_empty(0)
     if need_w:
         grad_w = gw
         if grad_w.stride() != weight.stride():  # the fake kernel promises empty_like(weight)
             grad_w = torch.empty_like(weight).copy_(grad_w)
     return grad_x, grad_w
+
+
+def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
+                      stride, dilation, groups, output_mask) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """``kan_backward_factored`` by the sparse kernels (the packed weight gradient split into the
+    three weights' gradients in one pass), or ``None`` where the rule says dense."""
+    weights = (base_weight, spline_weight, spline_scaler)
+    if not (_same_dtype(*weights) and use_sparse(x, state, base_weight, basis, option, activation, groups)):
+        return None
+    need_x, need = output_mask[0], list(output_mask[1:])
+    conv, grad_x, gw = _backward(grad_out, x, state, weights, combined_shape(base_weight, spline_weight), option,
+                                 stride, dilation, groups, need_x, any(need), False)
+    grads = [None, None, None]
+    if any(need):
+        grads = list(conv.unpack3(gw, spline_weight, spline_scaler, need))
+    grads = [g if g is not None else w.new_empty(0) for g, w in zip(grads, weights)]
+    for i, (g, w) in enumerate(zip(grads, weights)):  # the fake kernel promises empty_like(weight)
+        if g.numel() and g.stride() != w.stride():
+            grads[i] = torch.empty_like(w).copy_(g)
+    return (grad_x, *grads)
