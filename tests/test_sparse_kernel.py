@@ -150,6 +150,23 @@ def test_several_batch_chunks_and_threads_agree(kernel):
     assert _rel(results[0][0][:1], F.conv2d(expanded, weight)) < 1e-9
 
 
+def test_wide_weight_gradient_groups_do_not_depend_on_the_chunks():
+    """The weight gradient sums each span over groups of samples (2 here: 16 float64 outputs on 42x42);
+    the backward with the input gradient takes the batch in smaller chunks (its local form holds the
+    derivatives too) than the weight gradient alone, and both give the same sums, bit for bit."""
+    params, grid = _params(16, 16, (3, 3), 1, 10, 3)
+    weight = KF.combine_weights(*params).detach()
+    x = torch.rand(8, 16, 44, 44, dtype=F64) * 2.6 - 1.3
+    conv = _sparse._Conv(x, *_sparse.knot_params(grid), weight.shape, 3, 1, 1, 1, "wide")
+    packed = conv.pack(weight)
+    grad_out = torch.randn_like(conv.forward(packed))
+    _, gw = conv.backward(grad_out, packed, x.shape, True, True)
+    assert torch.equal(gw, conv.grad_weight(grad_out))
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    F.conv2d(KF.expand_bases(xr, grid, 3), wr).backward(grad_out)
+    assert _rel(gw, wr.grad) < 1e-10
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("c_in, threads", [(8, 1), (8, 2), (1, 2)])  # one task per channel for both; or not
 def test_wide_backward_in_one_call_equals_the_two_kernels(dtype, c_in, threads):
