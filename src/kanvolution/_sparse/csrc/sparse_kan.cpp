@@ -507,53 +507,11 @@ inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const 
   });
 }
 
-// The weight gradient's updates of one sample, input channel and kernel tap for a block of NV
-// vectors of output channels: the sums over each knot span's values stay in registers and are added
-// to the span's K + 1 rows once (the base row once for all spans). gos: the sample's channel-last
-// output gradient at the block's first channel; ws: the gradient's rows of the tap, same channel.
-template <typename T, int KC, int NV>
-inline void grad_weight_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
-                            const T* __restrict__ vals, const T* __restrict__ gos, const T* __restrict__ zeros,
-                            T* __restrict__ ws) {
-  using Vc = Vec64<T>;
-  using vec = typename Vc::type;
-  constexpr int LW = Vc::lanes;
-  constexpr int RMAX = KC > 0 ? KC + 1 : kMaxOrder + 1;
-  const int K = KC > 0 ? KC : k_rt;
-  const int V = K + 2, R = K + 1;
-  vec b[NV];
-  for (int u = 0; u < NV; ++u) b[u] = vec{};
-  for (int64_t bucket = 0; bucket < sorted.buckets(); ++bucket) {
-    const int64_t j0 = sorted.start[bucket], j1 = sorted.start[bucket + 1];
-    if (j0 == j1) continue;
-    vec acc[RMAX][NV];
-#pragma GCC unroll 17
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < NV; ++u) acc[r][u] = vec{};
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t q = sorted.order[j];
-      const int64_t p = out_off[q];
-      const T* gp = p < 0 ? zeros : gos + p;  // no branch: a zero gradient where q feeds no output
-      const T* v = vals + q * V;
-      vec gv[NV];
-      for (int u = 0; u < NV; ++u) {
-        gv[u] = Vc::load(gp + u * LW);
-        b[u] += v[0] * gv[u];
-      }
-#pragma GCC unroll 17
-      for (int r = 0; r < R; ++r)
-        for (int u = 0; u < NV; ++u) acc[r][u] += v[1 + r] * gv[u];
-    }
-    T* r0 = ws + (1 + bucket) * Og;  // rows 1 + span .. 1 + span + K
-#pragma GCC unroll 17
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < NV; ++u) Vc::store(r0 + r * Og + u * LW, Vc::load(r0 + r * Og + u * LW) + acc[r][u]);
-  }
-  for (int u = 0; u < NV; ++u) Vc::store(ws + u * LW, Vc::load(ws + u * LW) + b[u]);
-}
-
-// grad_weight_tap for a group of samples sorted together (GroupOrder): sample j's values at
-// vals[j] and output gradient at gos[j] (each at the block's first channel, as there).
+// The weight gradient's updates of a group of samples (sorted together, GroupOrder), one input
+// channel and kernel tap, for a block of NV vectors of output channels: the sums over each knot
+// span's values stay in registers and are added to the span's K + 1 rows once (the base row once
+// for all spans). Sample j's values are at vals[j], its channel-last output gradient at gos[j]
+// (at the block's first channel); ws: the gradient's rows of the tap, same channel.
 template <typename T, int KC, int NV>
 inline void grad_weight_group_tap(int k_rt, int64_t Og, const GroupOrder& sorted, const int64_t* __restrict__ out_off,
                                   const T* const* vals, const T* const* gos, const T* __restrict__ zeros,
