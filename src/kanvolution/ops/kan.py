@@ -123,6 +123,14 @@ def _split_grad(grad_w: Tensor, spline_weight: Tensor, spline_scaler: Tensor, ne
             (g_spline * spline_weight).sum(-1).contiguous() if need[2] else grad_w.new_empty(0)]
 
 
+def _strided_like(grad: Tensor, weight: Tensor) -> Tensor:
+    """A weight's gradient with the strides ``torch.empty_like(weight)`` gives, as the fake kernels
+    promise (empty gradients, not asked for, pass as they are)."""
+    if not grad.numel() or grad.stride() == weight.stride():
+        return grad
+    return torch.empty_like(weight).copy_(grad)
+
+
 def _chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
     if n == 0:  # an empty batch still runs once: empty output, zero weight gradient
         return [(0, 0)]
@@ -302,9 +310,7 @@ def _backward_factored(grad_out, x, state, base_weight, spline_weight, spline_sc
     if not any(need):
         return grad_x, *(w.new_empty(0) for w in (base_weight, spline_weight, spline_scaler))
     grads = _split_grad(grad_w, spline_weight, spline_scaler, need)
-    grads = [g if not g.numel() or g.stride() == w.stride() else torch.empty_like(w).copy_(g)
-             for g, w in zip(grads, (base_weight, spline_weight, spline_scaler))]
-    return grad_x, *grads
+    return grad_x, *map(_strided_like, grads, (base_weight, spline_weight, spline_scaler))
 
 
 @kan_forward_factored.register_kernel("cpu")

@@ -125,8 +125,7 @@ def _forward(x, state, weight, weight_shape, option, stride, dilation, groups, c
 
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
     fmt = _memory_format(len(stride), channels_last)
-    like = weight[0] if isinstance(weight, tuple) else weight
-    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, like, "packed")),
+    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, weight, "packed")),
                        channels_last=fmt != torch.contiguous_format)
     return _canonical(out, fmt)
 
@@ -138,8 +137,10 @@ def forward(x, state, weight, basis, option, activation, stride, dilation, group
     return _forward(x, state, weight, weight.shape, option, stride, dilation, groups, channels_last)
 
 
-def _same_dtype(*weights: Tensor) -> bool:
-    return all(w.dtype == weights[0].dtype for w in weights)
+def _use_sparse_factored(x, state, weights, basis, option, activation, groups) -> bool:
+    """:func:`use_sparse` for the three weights (which must share one dtype)."""
+    return (all(w.dtype == weights[0].dtype for w in weights)
+            and use_sparse(x, state, weights[0], basis, option, activation, groups))
 
 
 def forward_factored(x, state, base_weight, spline_weight, spline_scaler, basis, option, activation, stride,
@@ -147,21 +148,22 @@ def forward_factored(x, state, base_weight, spline_weight, spline_scaler, basis,
     """``kan_forward_factored`` by the sparse kernels (the three weights packed in one pass, their
     combination never built), or ``None`` where the rule says dense."""
     weights = (base_weight, spline_weight, spline_scaler)
-    if not (_same_dtype(*weights) and use_sparse(x, state, base_weight, basis, option, activation, groups)):
+    if not _use_sparse_factored(x, state, weights, basis, option, activation, groups):
         return None
     return _forward(x, state, weights, combined_shape(base_weight, spline_weight), option, stride, dilation, groups,
                     channels_last)
 
 
-def _scratch(conv, like: Tensor, slot: str) -> Tensor | None:
-    """A kept buffer of the packed weight's shape for the wide kernels (``None``: the narrow
-    kernels, which keep their own tables). The packed weight and its gradient only live within
-    one call, and at tens of MiB a fresh one costs as much in page faults as packing it."""
+def _scratch(conv, weight, slot: str) -> Tensor | None:
+    """A kept buffer of the packed weight's shape, dtype of ``weight`` (or of the first of the three
+    weights), for the wide kernels (``None``: the narrow kernels, which keep their own tables). The
+    packed weight and its gradient only live within one call, and at tens of MiB a fresh one costs as
+    much in page faults as packing it."""
     if conv.narrow:
         return None
     from .kan import _workspace_tensor
 
-    return _workspace_tensor(conv.packed_shape(), like, slot)
+    return _workspace_tensor(conv.packed_shape(), weight[0] if isinstance(weight, tuple) else weight, slot)
 
 
 def _backward(grad_out, x, state, weight, weight_shape, option, stride, dilation, groups, need_x, need_w,
@@ -169,11 +171,10 @@ def _backward(grad_out, x, state, weight, weight_shape, option, stride, dilation
     """The input gradient (``(N, *S, C)`` or empty) and the weight gradient: combined layout, or
     packed (``unpack=False``: possibly a kept buffer, to be consumed before the next call)."""
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
-    like = weight[0] if isinstance(weight, tuple) else weight
     prepared = None
     if need_x or conv.narrow:
-        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, like, "packed"))
-    scratch = _scratch(conv, like, "packed_grad") if need_w else None
+        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, weight, "packed"))
+    scratch = _scratch(conv, weight, "packed_grad") if need_w else None
     gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch, unpack=unpack)
     grad_x = x.new_empty(0)
     if need_x:
@@ -189,12 +190,9 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
     need_x, need_w = output_mask
     _, grad_x, gw = _backward(grad_out, x, state, weight, weight.shape, option, stride, dilation, groups, need_x,
                               need_w, True)
-    grad_w = weight.new_empty(0)
-    if need_w:
-        grad_w = gw
-        if grad_w.stride() != weight.stride():  # the fake kernel promises empty_like(weight)
-            grad_w = torch.empty_like(weight).copy_(grad_w)
-    return grad_x, grad_w
+    from .kan import _strided_like
+
+    return grad_x, (_strided_like(gw, weight) if need_w else weight.new_empty(0))
 
 
 def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
@@ -202,16 +200,12 @@ def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_sca
     """``kan_backward_factored`` by the sparse kernels (the packed weight gradient split into the
     three weights' gradients in one pass), or ``None`` where the rule says dense."""
     weights = (base_weight, spline_weight, spline_scaler)
-    if not (_same_dtype(*weights) and use_sparse(x, state, base_weight, basis, option, activation, groups)):
+    if not _use_sparse_factored(x, state, weights, basis, option, activation, groups):
         return None
     need_x, need = output_mask[0], list(output_mask[1:])
     conv, grad_x, gw = _backward(grad_out, x, state, weights, combined_shape(base_weight, spline_weight), option,
                                  stride, dilation, groups, need_x, any(need), False)
-    grads = [None, None, None]
-    if any(need):
-        grads = list(conv.unpack3(gw, spline_weight, spline_scaler, need))
-    grads = [g if g is not None else w.new_empty(0) for g, w in zip(grads, weights)]
-    for i, (g, w) in enumerate(zip(grads, weights)):  # the fake kernel promises empty_like(weight)
-        if g.numel() and g.stride() != w.stride():
-            grads[i] = torch.empty_like(w).copy_(g)
-    return (grad_x, *grads)
+    from .kan import _strided_like
+
+    grads = conv.unpack3(gw, spline_weight, spline_scaler, need) if any(need) else (None, None, None)
+    return (grad_x, *(w.new_empty(0) if g is None else _strided_like(g, w) for g, w in zip(grads, weights)))

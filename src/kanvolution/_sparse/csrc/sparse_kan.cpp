@@ -189,43 +189,32 @@ struct Vec64 {
   static void store(T* p, const type& v) { *reinterpret_cast<utype*>(p) = v; }
 };
 
-// The positions of one channel of one sample, sorted by row (1 + knot span) with a counting sort:
-// bucket b (row 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero
-// bases and sit in the first bucket.
-struct SpanOrder {
-  std::vector<int64_t> start, next, order;
-  SpanOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L) {}
-  int64_t buckets() const { return int64_t(next.size()); }
-  void sort(const int32_t* rows, int64_t L) {
-    std::fill(start.begin(), start.end(), 0);
-    for (int64_t q = 0; q < L; ++q) ++start[rows[q]];  // bucket rows[q] - 1 counted at its end
-    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
-    std::copy(start.begin(), start.end() - 1, next.begin());
-    for (int64_t q = 0; q < L; ++q) order[next[rows[q] - 1]++] = q;
-  }
-};
-
-// The positions of one channel in a group of up to kWeightGroup samples, sorted by row together:
-// entry e of bucket b (order[start[b] .. start[b + 1])) is (j << 32) | q for position q of the
-// group's sample j. The weight gradient adds a bucket's sums to its rows once per group instead of
-// once per sample (at fine grids a sample has few values per span). A group's output gradients
-// stay under kWeightGroupBytes (they are read once per tap and block, from L2). Measured on the
-// weight gradient alone (1 thread): 128->128 on 16x16, 4 samples: 16% faster at gs = 50, 3% at
-// gs = 10; 64->64 on 32x32 with 4 samples (1 MiB of output gradients) 3% slower.
+// Samples per group of the weight gradient, which sorts one channel's positions of several samples
+// together (SpanOrder::sort_group) and adds a span's sums to its rows once per group instead of once
+// per sample (at fine grids a sample has few values per span). A group's output gradients stay
+// under kWeightGroupBytes (they are read once per tap and block, from L2). Measured on the weight
+// gradient alone (1 thread): 128->128 on 16x16, 4 samples: 16% faster at gs = 50, 3% at gs = 10;
+// 64->64 on 32x32 with 4 samples (1 MiB of output gradients) 3% slower.
 constexpr int64_t kWeightGroup = 4;
 constexpr int64_t kWeightGroupBytes = int64_t(512) << 10;
 inline int64_t weight_group(int64_t out_size, int64_t O, size_t elem) {
   const int64_t per_sample = std::max<int64_t>(1, out_size * O * int64_t(elem));
   return std::max<int64_t>(1, std::min<int64_t>(kWeightGroup, kWeightGroupBytes / per_sample));
 }
-struct GroupOrder {
+
+// The positions of one channel, sorted by row (1 + knot span) with a counting sort: bucket b (row
+// 1 + b) is order[start[b] .. start[b + 1]). Values outside the knots have all-zero bases and sit in
+// the first bucket. sort: the positions q of one sample (entries q); sort_group: those of up to
+// kWeightGroup samples, entries (j << 32) | q for position q of sample j (for j = 0 the same as sort).
+struct SpanOrder {
   std::vector<int64_t> start, next, order;
-  GroupOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L * kWeightGroup) {}
+  SpanOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L * kWeightGroup) {}
   int64_t buckets() const { return int64_t(next.size()); }
+  void sort(const int32_t* rows, int64_t L) { sort_group(rows, 0, 1, L); }
   // rows of sample j: rows0 + j * stride.
-  void sort(const int32_t* rows0, int64_t stride, int64_t n_samples, int64_t L) {
+  void sort_group(const int32_t* rows0, int64_t stride, int64_t n_samples, int64_t L) {
     std::fill(start.begin(), start.end(), 0);
-    for (int64_t j = 0; j < n_samples; ++j)
+    for (int64_t j = 0; j < n_samples; ++j)  // bucket rows[q] - 1 counted at its end
       for (int64_t q = 0; q < L; ++q) ++start[rows0[j * stride + q]];
     for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
     std::copy(start.begin(), start.end() - 1, next.begin());
@@ -394,7 +383,7 @@ int64_t chunk_samples(const Geometry& g, int K, size_t elem, bool derivative, bo
   const int64_t budget = backward ? std::min(kMaxChunkBytes, std::max(kChunkBytes, weight))
                                   : (weight >= kLargeWeightBytes ? kChunkBytes : kSmallChunkBytes);
   int64_t n = std::max<int64_t>(1, std::min(g.N, std::max(min_samples, budget / per_sample)));
-  // The backward's chunks hold whole groups of the weight gradient (GroupOrder) where they can, so
+  // The backward's chunks hold whole groups of the weight gradient (weight_group) where they can, so
   // the groups (and the gradient's sums) are the same whatever the chunk size.
   const int64_t group = weight_group(g.out_size(), g.O, elem);
   if (backward && n < g.N && n >= group) n -= n % group;
@@ -507,13 +496,13 @@ inline void grad_input_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const 
   });
 }
 
-// The weight gradient's updates of a group of samples (sorted together, GroupOrder), one input
+// The weight gradient's updates of a group of samples (sorted together, SpanOrder::sort_group), one input
 // channel and kernel tap, for a block of NV vectors of output channels: the sums over each knot
 // span's values stay in registers and are added to the span's K + 1 rows once (the base row once
 // for all spans). Sample j's values are at vals[j], its channel-last output gradient at gos[j]
 // (at the block's first channel); ws: the gradient's rows of the tap, same channel.
 template <typename T, int KC, int NV>
-inline void grad_weight_group_tap(int k_rt, int64_t Og, const GroupOrder& sorted, const int64_t* __restrict__ out_off,
+inline void grad_weight_group_tap(int k_rt, int64_t Og, const SpanOrder& sorted, const int64_t* __restrict__ out_off,
                                   const T* const* vals, const T* const* gos, const T* __restrict__ zeros,
                                   T* __restrict__ ws) {
   using Vc = Vec64<T>;
@@ -623,7 +612,7 @@ struct BackwardChunk {
   }
 
   // gw's rows of channel c += the terms of samples [s0, s1) of the chunk (at most kWeightGroup).
-  void weight(int64_t s0, int64_t s1, int64_t c, GroupOrder& sorted, const T* zeros, T* gw) const {
+  void weight(int64_t s0, int64_t s1, int64_t c, SpanOrder& sorted, const T* zeros, T* gw) const {
     const int K = KC > 0 ? KC : k_rt;
     const int V = K + 2, R = K + 1;
     const int64_t ocol = c / g.Cg * Og;
@@ -634,19 +623,18 @@ struct BackwardChunk {
       vals[j] = loc.vals.data() + ((s0 + j) * g.C + c) * L * V;
       gos[j] = go + (n0 + s0 + j) * g.out_size() * g.O + ocol;
     }
-    sorted.sort(loc.row.data() + (s0 * g.C + c) * L, g.C * L, ns, L);
+    sorted.sort_group(loc.row.data() + (s0 * g.C + c) * L, g.C * L, ns, L);
     for (int64_t t = 0; t < taps; ++t) {
       T* ws = gw + (c * taps + t) * S * Og;
       const int64_t* out_off = offsets.tap(t, L);
       for (const auto& blk : blocks) {
-        const T* vb[kWeightGroup];
-        const T* gb[kWeightGroup];
-        for (int64_t j = 0; j < ns; ++j) vb[j] = vals[j], gb[j] = gos[j] + blk.first;
+        const T* gb[kWeightGroup];  // the group's output gradients at the block's first channel
+        for (int64_t j = 0; j < ns; ++j) gb[j] = gos[j] + blk.first;
         switch (blk.second) {
-          case 4: grad_weight_group_tap<T, KC, 4>(K, Og, sorted, out_off, vb, gb, zeros, ws + blk.first); break;
-          case 3: grad_weight_group_tap<T, KC, 3>(K, Og, sorted, out_off, vb, gb, zeros, ws + blk.first); break;
-          case 2: grad_weight_group_tap<T, KC, 2>(K, Og, sorted, out_off, vb, gb, zeros, ws + blk.first); break;
-          default: grad_weight_group_tap<T, KC, 1>(K, Og, sorted, out_off, vb, gb, zeros, ws + blk.first);
+          case 4: grad_weight_group_tap<T, KC, 4>(K, Og, sorted, out_off, vals, gb, zeros, ws + blk.first); break;
+          case 3: grad_weight_group_tap<T, KC, 3>(K, Og, sorted, out_off, vals, gb, zeros, ws + blk.first); break;
+          case 2: grad_weight_group_tap<T, KC, 2>(K, Og, sorted, out_off, vals, gb, zeros, ws + blk.first); break;
+          default: grad_weight_group_tap<T, KC, 1>(K, Og, sorted, out_off, vals, gb, zeros, ws + blk.first);
         }
       }
       if (Ov == Og) continue;
@@ -691,7 +679,7 @@ void grad_input_chunk(const BackwardChunk<T, KC>& bc, T* gx) {
 template <typename T, int KC>
 void grad_weight_chunk(const BackwardChunk<T, KC>& bc, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
-    GroupOrder sorted(bc.n_knots - 1, bc.L);
+    SpanOrder sorted(bc.n_knots - 1, bc.L);
     AlignedBuf<T> zeros(bc.g.O);  // read for the values that feed no output through a tap
     for (int64_t c = begin; c < end; ++c)
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group)
@@ -705,7 +693,6 @@ template <typename T, int KC>
 void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
-    GroupOrder group(bc.n_knots - 1, bc.L);
     AlignedBuf<T> zeros(bc.g.O), acc(bc.L * bc.LW);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group) {
@@ -714,7 +701,7 @@ void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
           sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
           bc.input(nl, c, sorted, zeros.data(), acc.data(), gx);
         }
-        bc.weight(s0, s1, c, group, zeros.data(), gw);
+        bc.weight(s0, s1, c, sorted, zeros.data(), gw);
       }
     }
   });
