@@ -414,12 +414,11 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   // got sets of 2 samples, re-reading its 11.8-MiB packed weight every 2 samples, and its forward did
   // not scale to a second thread. Sets of 8 there: about 20% faster at 2 threads, but 5% slower at 1
   // thread (interleaved, two runs each); 64 -> 64 (sets of 2 either way) unchanged.
-  const int64_t set_tasks = std::max<int64_t>(1, per_set);
+  const int64_t threads = at::get_num_threads(), set_tasks = std::max<int64_t>(1, per_set);
   const int64_t block_bytes = std::max<int64_t>(1, P * (blocks.empty() ? 1 : blocks[0].second) * 64);
   const int64_t set_max = std::max<int64_t>(1, std::min<int64_t>(kSampleSet, kSetBytes / block_bytes));
-  const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false,
-                                      std::max<int64_t>(at::get_num_threads() > 1 ? set_max : 1,
-                                                       (at::get_num_threads() + set_tasks - 1) / set_tasks));
+  const int64_t min_samples = std::max<int64_t>(threads > 1 ? set_max : 1, (threads + set_tasks - 1) / set_tasks);
+  const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false, min_samples);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
@@ -428,8 +427,8 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
     // rows are read once per set, while they are in cache, instead of once per sample. Each
     // output's sum keeps its order (channels, taps, spans), whatever the sets.
-    int64_t ns = std::max<int64_t>(1, std::min<int64_t>(set_max, nn));
-    while (ns > 1 && (nn + ns - 1) / ns * per_set < at::get_num_threads()) --ns;
+    int64_t ns = std::min(set_max, nn);
+    while (ns > 1 && (nn + ns - 1) / ns * per_set < threads) --ns;
     const int64_t n_sets = (nn + ns - 1) / ns;
     at::parallel_for(0, n_sets * per_set, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
