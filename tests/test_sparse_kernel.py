@@ -125,29 +125,33 @@ def test_gradcheck(kernel):
     assert torch.autograd.gradcheck(lambda a, w: _sparse.sparse_kan(a, grid, w, 2, kernel=kernel), (x, weight))
 
 
+@pytest.mark.parametrize("c_out, groups", [(8, 1), (80, 1), (16, 2)], ids=["one-block", "blocks", "groups"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_several_batch_chunks_and_threads_agree(kernel):
+def test_several_batch_chunks_and_threads_agree(kernel, c_out, groups):
     # 64 channels of 34x34 float64 values: the local form of one sample exceeds half the chunk
-    # budget, so the batch is processed in several chunks.
-    params, grid = _params(64, 8, (3, 3), 1, 10, 3)
+    # budget, so the batch is processed in several chunks. With several blocks of output channels
+    # (80: blocks of 4, 3 and 3 vectors) or groups, the wide forward's tasks sum in scratch of their own.
+    params, grid = _params(64, c_out, (3, 3), groups, 10, 3)
     weight = KF.combine_weights(*params).detach()
     x = torch.rand(3, 64, 34, 34, dtype=F64) * 2 - 1
     t0, inv_h = _sparse.knot_params(grid)
-    grad_out = torch.randn(3, 8, 32, 32, dtype=F64)
+    grad_out = torch.randn(3, c_out, 32, 32, dtype=F64)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append([_sparse.kan_conv(x, t0, inv_h, weight, 3, kernel=kernel),
-                            _sparse.kan_conv_grad_input(grad_out, x, t0, inv_h, weight, 3, kernel=kernel),
-                            _sparse.kan_conv_grad_weight(grad_out, x, t0, inv_h, weight.shape, 3, kernel=kernel)])
+            results.append([_sparse.kan_conv(x, t0, inv_h, weight, 3, groups=groups, kernel=kernel),
+                            _sparse.kan_conv_grad_input(grad_out, x, t0, inv_h, weight, 3, groups=groups,
+                                                        kernel=kernel),
+                            _sparse.kan_conv_grad_weight(grad_out, x, t0, inv_h, weight.shape, 3, groups=groups,
+                                                         kernel=kernel)])
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
     expanded = KF.expand_bases(x[:1], grid, 3)
-    assert _rel(results[0][0][:1], F.conv2d(expanded, weight)) < 1e-9
+    assert _rel(results[0][0][:1], F.conv2d(expanded, weight, groups=groups)) < 1e-9
 
 
 def test_wide_weight_gradient_groups_do_not_depend_on_the_chunks():

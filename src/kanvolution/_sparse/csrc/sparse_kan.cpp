@@ -282,18 +282,20 @@ struct AlignedBuf {
   T& operator[](int64_t i) { return p[i]; }
 };
 
-// TapMap for every kernel tap at once, as element offsets in one sample's channel-last output:
-// at[tap * L + q] = (output position of input position q through tap) * O, or -1. Built once per call.
+// TapMap for every kernel tap at once, as element offsets in one sample's channel-last output of
+// row stride `stride` (default: O): at[tap * L + q] = (output position of input position q through
+// tap) * stride, or -1. Built once per call.
 struct TapOffsets {
   std::vector<int64_t> at;
-  explicit TapOffsets(const Geometry& g) : at(g.taps() * g.in_size()) {
+  explicit TapOffsets(const Geometry& g) : TapOffsets(g, g.O) {}
+  TapOffsets(const Geometry& g, int64_t stride) : at(g.taps() * g.in_size()) {
     const TapMap map(g);
     std::vector<int64_t> pos(g.in_size());
     for (int64_t a = 0, t = 0; a < g.kd; ++a)
       for (int64_t b = 0; b < g.kh; ++b)
         for (int64_t e = 0; e < g.kw; ++e, ++t) {
           map.fill(g, a, b, e, pos.data());
-          for (int64_t q = 0; q < g.in_size(); ++q) at[t * g.in_size() + q] = pos[q] < 0 ? -1 : pos[q] * g.O;
+          for (int64_t q = 0; q < g.in_size(); ++q) at[t * g.in_size() + q] = pos[q] < 0 ? -1 : pos[q] * stride;
         }
   }
   const int64_t* tap(int64_t t, int64_t L) const { return at.data() + t * L; }
@@ -407,7 +409,6 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   const std::vector<std::pair<int64_t, int>> blocks = vector_blocks(Og, LW, KC > 0 ? 4 : 2);
   const int64_t n_blocks = int64_t(blocks.size());
   const int64_t Ov = blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW;
-  const TapOffsets offsets(g);
   const int64_t per_set = g.groups * n_blocks;  // tasks per set of samples
   // At least enough samples per chunk for one task per thread and, with several threads, for one
   // whole set of samples (set_max, below): with 2 MiB chunks a 128 -> 128 layer on 16x16 at gs = 10
@@ -419,11 +420,21 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
   const int64_t set_max = std::max<int64_t>(1, std::min<int64_t>(kSampleSet, kSetBytes / block_bytes));
   const int64_t min_samples = std::max<int64_t>(threads > 1 ? set_max : 1, (threads + set_tasks - 1) / set_tasks);
   const int64_t chunk = chunk_samples(g, K, sizeof(T), false, false, min_samples);
+  // Where several tasks write parts of one output row (several blocks or groups), each task sums its
+  // set's outputs in a compact scratch of its own (rows of `width` channels, offsets `own`) and
+  // writes them out at the end: the threads then never update the same cache lines' neighbours
+  // over and over. Updating their own channels of shared rows in place, two threads at 128 -> 128
+  // ran their forward at the speed of one in some processes (each task took twice as long, from
+  // some call on, presumably the cores' prefetchers pulling each other's lines); sums unchanged.
+  const bool private_out = per_set > 1;
+  int width = 0;
+  for (const auto& b : blocks) width = std::max(width, b.second * LW);
+  const TapOffsets own(g, private_out ? width : g.O);
   Local<T> loc(K, chunk * g.C * L, false);
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
+    if (!private_out || Ov < Og) std::fill(out + n0 * P * g.O, out + (n0 + nn) * P * g.O, T(0));
     // Samples in sets (smaller where there would be fewer tasks than threads): a channel's packed
     // rows are read once per set, while they are in cache, instead of once per sample. Each
     // output's sum keeps its order (channels, taps, spans), whatever the sets.
@@ -433,26 +444,33 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     at::parallel_for(0, n_sets * per_set, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
       AlignedBuf<T> dummy(4 * LW);
+      AlignedBuf<T> acc(private_out ? ns * P * width : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t set = task / per_set, gr = task / n_blocks % g.groups;
         const int64_t blk = task % n_blocks;
         const int64_t ob = blocks[blk].first;
         const int64_t s0 = set * ns, s1 = std::min(nn, s0 + ns);
+        if (private_out) std::fill(acc.data(), acc.data() + (s1 - s0) * P * width, T(0));
         for (int64_t c = gr * g.Cg; c < (gr + 1) * g.Cg; ++c) {
           const T* wc = wp + c * taps * S * Og + ob;
           for (int64_t nl = s0; nl < s1; ++nl) {
-            T* os = out + (n0 + nl) * P * g.O + gr * Og + ob;
+            T* os = private_out ? acc.data() + (nl - s0) * P * width : out + (n0 + nl) * P * g.O + gr * Og + ob;
             const int64_t base = (nl * g.C + c) * L;
             sorted.sort(loc.row.data() + base, L);
             const T* vals = loc.vals.data() + base * V;
             switch (blocks[blk].second) {
-              case 4: forward_channel<T, KC, 4>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-              case 3: forward_channel<T, KC, 3>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-              case 2: forward_channel<T, KC, 2>(g, K, offsets, sorted, dummy.data(), vals, wc, os); break;
-              default: forward_channel<T, KC, 1>(g, K, offsets, sorted, dummy.data(), vals, wc, os);
+              case 4: forward_channel<T, KC, 4>(g, K, own, sorted, dummy.data(), vals, wc, os); break;
+              case 3: forward_channel<T, KC, 3>(g, K, own, sorted, dummy.data(), vals, wc, os); break;
+              case 2: forward_channel<T, KC, 2>(g, K, own, sorted, dummy.data(), vals, wc, os); break;
+              default: forward_channel<T, KC, 1>(g, K, own, sorted, dummy.data(), vals, wc, os);
             }
           }
         }
+        if (!private_out) continue;
+        const size_t bytes = size_t(blocks[blk].second) * LW * sizeof(T);
+        for (int64_t nl = s0; nl < s1; ++nl)
+          for (int64_t p = 0; p < P; ++p)
+            std::memcpy(out + ((n0 + nl) * P + p) * g.O + gr * Og + ob, acc.data() + ((nl - s0) * P + p) * width, bytes);
       }
     });
     if (Ov == Og) continue;
