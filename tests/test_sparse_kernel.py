@@ -461,6 +461,27 @@ def test_pack3_and_unpack3_against_the_combination():
     assert only[0] is None and only[2] is None and torch.equal(only[1], got[1])
 
 
+@pytest.mark.parametrize("o, c, groups, gs, dtype", [(40, 3, 1, 10, torch.float32), (36, 4, 2, 6, F64)],
+                         ids=["float32", "float64-groups"])
+def test_pack3_and_unpack3_tiles(o, c, groups, gs, dtype):
+    """Wide enough for the transposed tiles of pack3 / unpack3 (40 float32 outputs: two tiles of 16 and
+    8 left over; 18 float64 outputs per group: two tiles of 8 and 2 left over; 9 * (gs + 3) columns,
+    some left over): pack3 is pack of the combination bit for bit, unpack3's spline gradient is the
+    combination's backward bit for bit (the same products), its base and scaler gradients match it."""
+    torch.manual_seed(3)
+    params, grid = _params(c, o, (3, 3), groups, gs, 3, dtype)
+    weight = KF.combine_weights(*params).detach()
+    conv = _sparse._Conv(torch.zeros(1, c, 4, 4, dtype=dtype), *_sparse.knot_params(grid), weight.shape, 3, 1, 1,
+                         groups)
+    assert torch.equal(conv.pack(tuple(p.detach() for p in params)), conv.pack(weight))
+    packed_grad = torch.randn(conv.packed_shape(), dtype=dtype)
+    w = [p.detach().requires_grad_() for p in params]
+    want = torch.autograd.grad(KF.combine_weights(*w), w, conv._unpack(packed_grad))
+    got = conv.unpack3(packed_grad, params[1].detach(), params[2].detach())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert _rel(got[2], want[2]) < (1e-6 if dtype == torch.float32 else 1e-13)
+
+
 @pytest.mark.parametrize("mode", ["always", "never"])
 @pytest.mark.parametrize("kind", list(OP_LAYERS))
 def test_layers_match_reference_on_both_paths(sparse_calls, mode, kind):
