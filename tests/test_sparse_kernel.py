@@ -237,9 +237,15 @@ def test_non_finite_and_outside_values_as_on_the_dense_path(kernel, dtype, strid
     fin = torch.isfinite(want)
     tol = 1e-9 if dtype == F64 else 1e-5
     assert ((got - want)[fin].abs().max() / want[fin].abs().max()).item() < tol
+    # The input gradient of the non-finite values is NaN, as on the dense path, also where a value feeds
+    # no output (stride 2: the last row, -inf at (1, 0, 7, 8)).
+    grad_out = torch.randn_like(want)
+    gx_nf = _sparse.kan_conv_grad_input(grad_out, x, t0, inv_h, weight, 3, stride, kernel=kernel)
+    xn = x.clone().requires_grad_()
+    (gx_nf_want,) = torch.autograd.grad(F.conv2d(KF.expand_bases(xn, grid, 3), weight, stride=stride), [xn], grad_out)
+    assert torch.equal(torch.isnan(gx_nf), torch.isnan(gx_nf_want)) and not torch.isinf(gx_nf).any()
     # Gradients with finite values only, outside the knots included.
     xf = torch.nan_to_num(x, nan=0.3, posinf=2.0, neginf=-3.0)
-    grad_out = torch.randn_like(want)
     exp_f = KF.expand_bases(xf, grid, 3).to(dtype).requires_grad_()
     w = weight.clone().requires_grad_()
     (gw_want,) = torch.autograd.grad(F.conv2d(exp_f, w, stride=stride), [w], grad_out)
