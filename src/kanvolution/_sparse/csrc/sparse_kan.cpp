@@ -338,32 +338,27 @@ struct TapOffsets {
   const int64_t* tap(int64_t t, int64_t L) const { return at.data() + t * L; }
 };
 
-// Per kernel tap, the entries of a SpanOrder whose positions feed an output through the tap, in the
-// same order, bucket by bucket: the kernels then spend nothing on the values that a tap maps
-// outside the output (a 3x3 layer with padding 1 on 16x16: 21% of the value-taps, 11% on 32x32).
-struct TapLists {
-  int64_t nb, cap;
+// For one kernel tap, the entries of a SpanOrder whose positions feed an output through the tap
+// (out_off >= 0), in the same order, bucket by bucket: the kernels then spend nothing on the values
+// that a tap maps outside the output (a 3x3 layer with padding 1 on 16x16: 21% of the value-taps,
+// 11% on 32x32). Built tap by tap, just before the tap's updates (one tap's entries: in L1 / L2).
+struct TapList {
   std::vector<int64_t> start, order;
-  TapLists(int64_t taps, int64_t n_buckets, int64_t capacity)
-      : nb(n_buckets), cap(capacity), start(taps * (n_buckets + 1)), order(taps * capacity) {}
-  void build(const SpanOrder& s, const TapOffsets& map, int64_t taps, int64_t L) {
-    for (int64_t t = 0; t < taps; ++t) {
-      const int64_t* off = map.tap(t, L);
-      int64_t* st = start.data() + t * (nb + 1);
-      int64_t* o = order.data() + t * cap;
-      int64_t n = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        st[b] = n;
-        for (int64_t j = s.start[b]; j < s.start[b + 1]; ++j) {  // no branch: kept entries advance n
-          const int64_t e = s.order[j];
-          o[n] = e;
-          n += off[e & 0xffffffff] >= 0;
-        }
+  TapList(int64_t n_buckets, int64_t capacity) : start(n_buckets + 1), order(capacity) {}
+  Buckets build(const SpanOrder& s, const int64_t* out_off) {
+    const int64_t nb = s.buckets();
+    int64_t n = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      start[b] = n;
+      for (int64_t j = s.start[b]; j < s.start[b + 1]; ++j) {  // no branch: kept entries advance n
+        const int64_t e = s.order[j];
+        order[n] = e;
+        n += out_off[e & 0xffffffff] >= 0;
       }
-      st[nb] = n;
     }
+    start[nb] = n;
+    return {nb, start.data(), order.data()};
   }
-  Buckets tap(int64_t t) const { return {nb, start.data() + t * (nb + 1), order.data() + t * cap}; }
 };
 
 // Output channels [0, Og) as blocks of whole vectors: (first channel, vectors), at most max_nv
@@ -383,7 +378,7 @@ inline std::vector<std::pair<int64_t, int>> vector_blocks(int64_t Og, int64_t la
 }
 
 // One kernel tap, a block of NV vectors of output channels, the values of one (sample, channel)
-// that feed an output through the tap (TapLists::tap), bucketed by knot span: for every span, its
+// that feed an output through the tap (TapList), bucketed by knot span: for every span, its
 // K + 2 weight rows (base row, rows 1 + span .. 1 + span + K of ws) stay in registers while each of
 // its values q forms h = c[0] w_base + sum_r c[1 + r] w_{1+span+r} from its coefficients
 // c = coefs + q * (K + 2) (the forward's local values, or the input gradient's derivatives) and
@@ -426,13 +421,14 @@ inline __attribute__((always_inline)) void span_rows_apply(int k_rt, int64_t Og,
 // span's values update their outputs. wc: the channel's packed weight at the block's first channel;
 // os: the sample's channel-last output at the block's first channel.
 template <typename T, int KC, int NV>
-inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, const TapLists& lists,
-                            const T* __restrict__ vals, const T* __restrict__ wc, T* __restrict__ os) {
+inline void forward_channel(const Geometry& g, int k_rt, const TapOffsets& map, const SpanOrder& sorted,
+                            TapList& list, const T* __restrict__ vals, const T* __restrict__ wc, T* __restrict__ os) {
   using Vc = Vec64<T>;
   using vec = typename Vc::type;
   constexpr int LW = Vc::lanes;
   for (int64_t t = 0; t < g.taps(); ++t) {
-    span_rows_apply<T, KC, NV>(k_rt, g.Og, lists.tap(t), map.tap(t, g.in_size()), vals, wc + t * g.S * g.Og,
+    const int64_t* out_off = map.tap(t, g.in_size());
+    span_rows_apply<T, KC, NV>(k_rt, g.Og, list.build(sorted, out_off), out_off, vals, wc + t * g.S * g.Og,
                                [&](int64_t, int64_t p, const vec (&h)[NV]) {
       T* op = os + p;  // the lists hold only the values that feed an output through the tap
       // h and the outputs' load are independent chains, joined last: the load is off the critical path.
@@ -508,7 +504,7 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
     const int64_t n_sets = (nn + ns - 1) / ns;
     at::parallel_for(0, n_sets * per_set, 1, [&](int64_t begin, int64_t end) {
       SpanOrder sorted(n_knots - 1, L);
-      TapLists lists(taps, n_knots - 1, L);
+      TapList list(n_knots - 1, L);
       AlignedBuf<T> acc(private_out ? ns * P * width : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t set = task / per_set, gr = task / n_blocks % g.groups;
@@ -522,13 +518,12 @@ void forward_impl(const T* x, const T* t0, const T* inv_h, const Tables<T>& tab,
             T* os = private_out ? acc.data() + (nl - s0) * P * width : out + (n0 + nl) * P * g.O + gr * Og + ob;
             const int64_t base = (nl * g.C + c) * L;
             sorted.sort(loc.row.data() + base, L);
-            lists.build(sorted, own, taps, L);
             const T* vals = loc.vals.data() + base * V;
             switch (blocks[blk].second) {
-              case 4: forward_channel<T, KC, 4>(g, K, own, lists, vals, wc, os); break;
-              case 3: forward_channel<T, KC, 3>(g, K, own, lists, vals, wc, os); break;
-              case 2: forward_channel<T, KC, 2>(g, K, own, lists, vals, wc, os); break;
-              default: forward_channel<T, KC, 1>(g, K, own, lists, vals, wc, os);
+              case 4: forward_channel<T, KC, 4>(g, K, own, sorted, list, vals, wc, os); break;
+              case 3: forward_channel<T, KC, 3>(g, K, own, sorted, list, vals, wc, os); break;
+              case 2: forward_channel<T, KC, 2>(g, K, own, sorted, list, vals, wc, os); break;
+              default: forward_channel<T, KC, 1>(g, K, own, sorted, list, vals, wc, os);
             }
           }
         }
@@ -663,7 +658,7 @@ struct BackwardChunk {
   }
 
   // gx of sample nl, channel c, given its positions sorted by span; acc: scratch of L vectors.
-  void input(int64_t nl, int64_t c, const SpanOrder& sorted, TapLists& lists, T* acc_p, T* gx) const {
+  void input(int64_t nl, int64_t c, const SpanOrder& sorted, TapList& list, T* acc_p, T* gx) const {
     const int K = KC > 0 ? KC : k_rt;
     const int V = K + 2;
     const int64_t base = (nl * g.C + c) * L;
@@ -672,11 +667,10 @@ struct BackwardChunk {
     const T* gos = go + (n0 + nl) * g.out_size() * g.O + c / g.Cg * Og;
     const T* wc = wp + c * taps * S * Og;
     std::fill(acc_p, acc_p + L * LW, T(0));
-    lists.build(sorted, offsets, taps, L);
     for (int64_t t = 0; t < taps; ++t) {
       const int64_t* out_off = offsets.tap(t, L);
       const T* ws = wc + t * S * Og;
-      const Buckets b = lists.tap(t);
+      const Buckets b = list.build(sorted, out_off);
       for (const auto& blk : blocks) {
         const int64_t ob = blk.first;
         switch (blk.second) {
@@ -716,7 +710,7 @@ struct BackwardChunk {
   }
 
   // gw's rows of channel c += the terms of samples [s0, s1) of the chunk (at most kWeightGroup).
-  void weight(int64_t s0, int64_t s1, int64_t c, SpanOrder& sorted, TapLists& lists, T* gw) const {
+  void weight(int64_t s0, int64_t s1, int64_t c, SpanOrder& sorted, TapList& list, T* gw) const {
     const int K = KC > 0 ? KC : k_rt;
     const int V = K + 2, R = K + 1;
     const int64_t ocol = c / g.Cg * Og;
@@ -728,18 +722,18 @@ struct BackwardChunk {
       gos[j] = go + (n0 + s0 + j) * g.out_size() * g.O + ocol;
     }
     sorted.sort_group(loc.row.data() + (s0 * g.C + c) * L, g.C * L, ns, L);
-    lists.build(sorted, offsets, taps, L);
     for (int64_t t = 0; t < taps; ++t) {
       T* ws = gw + (c * taps + t) * S * Og;
       const int64_t* out_off = offsets.tap(t, L);
+      const Buckets b = list.build(sorted, out_off);
       for (const auto& blk : blocks) {
         const T* gb[kWeightGroup];  // the group's output gradients at the block's first channel
         for (int64_t j = 0; j < ns; ++j) gb[j] = gos[j] + blk.first;
         switch (blk.second) {
-          case 4: grad_weight_group_tap<T, KC, 4>(K, Og, lists.tap(t), out_off, vals, gb, ws + blk.first); break;
-          case 3: grad_weight_group_tap<T, KC, 3>(K, Og, lists.tap(t), out_off, vals, gb, ws + blk.first); break;
-          case 2: grad_weight_group_tap<T, KC, 2>(K, Og, lists.tap(t), out_off, vals, gb, ws + blk.first); break;
-          default: grad_weight_group_tap<T, KC, 1>(K, Og, lists.tap(t), out_off, vals, gb, ws + blk.first);
+          case 4: grad_weight_group_tap<T, KC, 4>(K, Og, b, out_off, vals, gb, ws + blk.first); break;
+          case 3: grad_weight_group_tap<T, KC, 3>(K, Og, b, out_off, vals, gb, ws + blk.first); break;
+          case 2: grad_weight_group_tap<T, KC, 2>(K, Og, b, out_off, vals, gb, ws + blk.first); break;
+          default: grad_weight_group_tap<T, KC, 1>(K, Og, b, out_off, vals, gb, ws + blk.first);
         }
       }
       if (Ov == Og) continue;
@@ -768,12 +762,12 @@ template <typename T, int KC>
 void grad_input_chunk(const BackwardChunk<T, KC>& bc, T* gx) {
   at::parallel_for(0, bc.nn * bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
-    TapLists lists(bc.taps, bc.n_knots - 1, bc.L);
+    TapList list(bc.n_knots - 1, bc.L);
     AlignedBuf<T> acc(bc.L * bc.LW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t nl = task % bc.nn, c = task / bc.nn;
       sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
-      bc.input(nl, c, sorted, lists, acc.data(), gx);
+      bc.input(nl, c, sorted, list, acc.data(), gx);
     }
   });
 }
@@ -786,10 +780,10 @@ template <typename T, int KC>
 void grad_weight_chunk(const BackwardChunk<T, KC>& bc, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
-    TapLists lists(bc.taps, bc.n_knots - 1, bc.L * kWeightGroup);
+    TapList list(bc.n_knots - 1, bc.L * kWeightGroup);
     for (int64_t c = begin; c < end; ++c)
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group)
-        bc.weight(s0, std::min(bc.nn, s0 + bc.group), c, sorted, lists, gw);
+        bc.weight(s0, std::min(bc.nn, s0 + bc.group), c, sorted, list, gw);
   });
 }
 
@@ -799,16 +793,16 @@ template <typename T, int KC>
 void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
-    TapLists lists(bc.taps, bc.n_knots - 1, bc.L * kWeightGroup);
+    TapList list(bc.n_knots - 1, bc.L * kWeightGroup);
     AlignedBuf<T> acc(bc.L * bc.LW);
     for (int64_t c = begin; c < end; ++c) {
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group) {
         const int64_t s1 = std::min(bc.nn, s0 + bc.group);
         for (int64_t nl = s0; nl < s1; ++nl) {
           sorted.sort(bc.loc.row.data() + (nl * bc.g.C + c) * bc.L, bc.L);
-          bc.input(nl, c, sorted, lists, acc.data(), gx);
+          bc.input(nl, c, sorted, list, acc.data(), gx);
         }
-        bc.weight(s0, s1, c, sorted, lists, gw);
+        bc.weight(s0, s1, c, sorted, list, gw);
       }
     }
   });
