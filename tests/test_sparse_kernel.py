@@ -538,6 +538,52 @@ def test_kept_buffers_shared_by_layers_and_calls(sparse_calls):
     assert not _workspace.buffers
 
 
+def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
+    """The wide kernels' backward right after its forward finds the forward's packed weight in the
+    kept buffer and does not pack again; another layer's packing in between, or an in-place change
+    of the weights (their version counter), makes it pack again, with the dense path's results."""
+    ops = _sparse._ops()
+    packs = []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "pack3":
+                return lambda *args: (packs.append(args[0].data_ptr()), ops.pack3(*args))[1]
+            return getattr(ops, name)
+
+    monkeypatch.setattr(_sparse, "_ops", lambda: Counting())
+    torch.manual_seed(6)
+    a = KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64)
+    b = KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64)
+    x = torch.randn(2, 40, 6, 6, dtype=F64, requires_grad=True)  # a's backward then needs its packing
+    S.set_mode("always")
+    a(x).sum().backward()
+    assert len(packs) == 1  # the forward's; the backward reused it
+    packs.clear()
+    for p in (*a.parameters(), x):
+        p.grad = None
+    b(a(x)).sum().backward()
+    # a's forward finds its packing still there, b's packs, b's backward reuses it, a's packs again
+    assert len(packs) == 2
+    got = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), x)]
+    for p in (*a.parameters(), *b.parameters(), x):
+        p.grad = None
+    S.set_mode("never")
+    b(a(x)).sum().backward()
+    want = [p.grad for p in (*a.parameters(), *b.parameters(), x)]
+    assert all(_rel(g, w) < 1e-9 for g, w in zip(got, want))
+    S.set_mode("always")
+    packs.clear()
+    y0 = a(x)  # the buffer still holds a's packing (a's backward was the last to pack)
+    assert not packs
+    with torch.no_grad():
+        a.spline_weight.mul_(2)  # same storage, new version: the next forward packs again
+    y1 = a(x)
+    assert len(packs) == 1
+    S.set_mode("never")
+    assert _rel(y1, a(x)) < 1e-9 and _rel(y0, y1) > 1e-3
+
+
 def _train_step(model, x):
     model.zero_grad(set_to_none=True)
     out = model(x)

@@ -93,14 +93,25 @@ def _workspace_tensor(shape: tuple[int, ...], like: Tensor, slot: str = "expansi
     buf = buffers.get(slot)
     if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
         buffers[slot] = None  # the old buffer is freed before the new one is allocated
+        _workspace_contents().pop(slot, None)
         buf = buffers[slot] = torch.empty(numel, dtype=like.dtype)
     return buf[:numel].view(shape)
+
+
+def _workspace_contents() -> dict:
+    """This thread's record of what its kept buffers hold: ``slot -> key`` of whoever filled the
+    slot last (forgotten when the slot's buffer is replaced or released)."""
+    contents = getattr(_workspace, "contents", None)
+    if contents is None:
+        contents = _workspace.contents = {}
+    return contents
 
 
 def release_workspace() -> None:
     """Free this thread's cached scratch buffers (the expansion chunk, the sparse kernels' packed
     weight and gradient)."""
     _workspace.buffers = {}
+    _workspace.contents = {}
 
 
 def combine_weights(base_weight: Tensor, spline_weight: Tensor, spline_scaler: Tensor) -> Tensor:

@@ -120,13 +120,44 @@ def _conv(x: Tensor, state: Tensor, weight_shape, option: int, stride, dilation,
                          list(dilation) or 1, groups)
 
 
+def _packed_key(conv, weight, buffer: Tensor) -> tuple | None:
+    """What packing ``weight`` into ``buffer`` puts there: the weights' storage, version counter,
+    shape and strides (an in-place change moves the version), the packing's geometry and the buffer.
+    ``None`` where a weight has no version counter (an inference tensor)."""
+    try:
+        weights = tuple((w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype)
+                        for w in (weight if isinstance(weight, tuple) else (weight,)))
+    except RuntimeError:
+        return None
+    return (conv.packed_shape(), conv.groups, conv.K, buffer.data_ptr()) + weights
+
+
+def _prepare_packed(conv, weight, forward: bool, derivative: bool):
+    """``conv.prepare`` into the kept ``"packed"`` buffer, skipped on the wide kernels where that
+    buffer already holds these weights packed: the backward right after its forward (the last layer's
+    backward in a network, or a lone layer's) reuses the forward's packing instead of packing again."""
+    from .kan import _workspace_contents
+
+    scratch = _scratch(conv, weight, "packed")
+    if scratch is None:
+        return conv.prepare(weight, forward=forward, derivative=derivative)
+    key = _packed_key(conv, weight, scratch)
+    contents = _workspace_contents()
+    if key is not None and contents.get("packed") == key:
+        return scratch
+    contents.pop("packed", None)
+    prepared = conv.prepare(weight, forward=forward, derivative=derivative, out=scratch)
+    if key is not None:
+        contents["packed"] = key
+    return prepared
+
+
 def _forward(x, state, weight, weight_shape, option, stride, dilation, groups, channels_last) -> Tensor:
     from .kan import _canonical, _memory_format
 
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
     fmt = _memory_format(len(stride), channels_last)
-    out = conv.forward(conv.prepare(weight, derivative=False, out=_scratch(conv, weight, "packed")),
-                       channels_last=fmt != torch.contiguous_format)
+    out = conv.forward(_prepare_packed(conv, weight, True, False), channels_last=fmt != torch.contiguous_format)
     return _canonical(out, fmt)
 
 
@@ -173,7 +204,7 @@ def _backward(grad_out, x, state, weight, weight_shape, option, stride, dilation
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
     prepared = None
     if need_x or conv.narrow:
-        prepared = conv.prepare(weight, forward=False, derivative=need_x, out=_scratch(conv, weight, "packed"))
+        prepared = _prepare_packed(conv, weight, False, need_x)
     scratch = _scratch(conv, weight, "packed_grad") if need_w else None
     gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch, unpack=unpack)
     grad_x = x.new_empty(0)
