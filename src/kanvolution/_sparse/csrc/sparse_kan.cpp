@@ -217,7 +217,6 @@ struct SpanOrder {
   std::vector<int64_t> start, next, order;
   SpanOrder(int64_t n_buckets, int64_t L) : start(n_buckets + 1), next(n_buckets), order(L * kWeightGroup) {}
   int64_t buckets() const { return int64_t(next.size()); }
-  Buckets all() const { return {buckets(), start.data(), order.data()}; }
   void sort(const int32_t* rows, int64_t L) { sort_group(rows, 0, 1, L); }
   // rows of sample j: rows0 + j * stride.
   void sort_group(const int32_t* rows0, int64_t stride, int64_t n_samples, int64_t L) {
@@ -1569,6 +1568,15 @@ struct SlabColumns {
   }
 };
 
+// The scalers of a tile's LW outputs o0 .. o0 + LW - 1 (first: the group's o = 0 and the input
+// channel), tap by tap: scv[u * LW + l] for output o0 + l and tap u.
+template <typename T>
+inline void tile_scalers(const T* scaler, int64_t first, int64_t o0, int64_t cg, int64_t taps, T* scv) {
+  constexpr int LW = Vec64<T>::lanes;
+  for (int64_t u = 0; u < taps; ++u)
+    for (int l = 0; l < LW; ++l) scv[u * LW + l] = scaler[(first + (o0 + l) * cg) * taps + u];
+}
+
 template <typename T>
 void pack3_impl(const T* base, const T* spline, const T* scaler, T* out, int64_t C, int64_t groups, int64_t nb,
                 int64_t taps, int64_t og, int64_t K) {
@@ -1592,8 +1600,7 @@ void pack3_impl(const T* base, const T* spline, const T* scaler, T* out, int64_t
         for (int64_t o = 0; o < og; ++o) d[o] = b[o * o_stride];
       }
       for (int64_t o0 = 0; o0 < ov; o0 += LW) {
-        for (int64_t u = 0; u < taps; ++u)
-          for (int l = 0; l < LW; ++l) scv[u * LW + l] = scaler[(first + (o0 + l) * cg) * taps + u];
+        tile_scalers(scaler, first, o0, cg, taps, scv.data());
         for (int64_t k0 = 0; k0 < kv; k0 += LW) {
           vec r[LW];
           for (int l = 0; l < LW; ++l) r[l] = Vc::load(spline + (first + (o0 + l) * cg) * ncol + k0);
@@ -1663,8 +1670,7 @@ void unpack3_impl(const T* packed, const T* spline, const T* scaler, T* gb, T* g
       }
       if (gs == nullptr && gsc == nullptr) continue;
       for (int64_t o0 = 0; o0 < ov; o0 += LW) {
-        for (int64_t u = 0; u < taps; ++u)
-          for (int l = 0; l < LW; ++l) scv[u * LW + l] = scaler[(first + (o0 + l) * cg) * taps + u];
+        tile_scalers(scaler, first, o0, cg, taps, scv.data());
         std::fill(sums.data(), sums.data() + taps * LW, T(0));
         for (int64_t k0 = 0; k0 < kv; k0 += LW) {
           vec a[LW];  // a[jj]: column k0 + jj of the LW outputs
