@@ -488,6 +488,47 @@ def test_pack3_and_unpack3_tiles(o, c, groups, gs, dtype):
     assert _rel(got[2], want[2]) < (1e-6 if dtype == torch.float32 else 1e-13)
 
 
+@pytest.mark.parametrize("c_in, c_out, hw, groups, n, threads", [
+    (64, 70, (34, 34), 1, 3, 2),  # float64 64x34x34: several batch chunks; 70 outputs: vector blocks, a tail
+    (8, 32, (12, 11), 2, 5, 1),   # groups, one chunk, one thread
+    (4, 40, (6, 6), 1, 0, 2),     # an empty batch: zero gradients
+], ids=["chunks", "groups", "empty"])
+def test_backward3_is_backward_then_unpack3(c_in, c_out, hw, groups, n, threads):
+    """The wide backward that splits each channel's packed weight gradient into the three weights'
+    gradients as soon as the channel's rows are final gives what the backward followed by unpack3
+    gives, bit for bit, for every subset of the gradients (the packed gradient's room reused)."""
+    torch.manual_seed(5)
+    params, grid = _params(c_in, c_out, (3, 3), groups, 10, 3, F64)
+    weights = tuple(p.detach() for p in params)
+    x = torch.rand(n, c_in, *hw, dtype=F64) * 2.6 - 1.3
+    conv = _sparse._Conv(x, *_sparse.knot_params(grid), KF.combine_weights(*weights).shape, 3, 1, 1, groups,
+                         "wide")
+    packed = conv.pack(weights)
+    grad_out = torch.randn_like(conv.forward(packed))
+    room = torch.full(conv.packed_shape(), float("nan"), dtype=F64)  # a kept buffer's stale contents
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        gx, gw = conv.backward(grad_out, packed, x.shape, True, True, unpack=False)
+        want = conv.unpack3(gw, weights[1], weights[2])
+        for need_x, need in [(True, (True, True, True)), (False, (True, True, True)), (True, (False, True, False)),
+                             (False, (True, False, True))]:
+            got_x, got = conv.backward3(grad_out, packed, x.shape, need_x, weights[1], weights[2], need,
+                                        scratch=room)
+            assert (got_x is None) == (not need_x) and (got_x is None or torch.equal(got_x, gx))
+            for g, w, e in zip(got, want, need):
+                assert (g is None) == (not e) and (g is None or torch.equal(g, w))
+            assert torch.equal(room, gw)  # the room holds the packed gradient
+    finally:
+        torch.set_num_threads(old)
+    if n == 0:
+        assert all(not g.any() for g in want)
+    with pytest.raises(ValueError, match="wide kernels"):
+        narrow = _sparse._Conv(x, *_sparse.knot_params(grid), KF.combine_weights(*weights).shape, 3, 1, 1, groups,
+                               "narrow")
+        narrow.backward3(grad_out, None, x.shape, False, weights[1], weights[2])
+
+
 @pytest.mark.parametrize("mode", ["always", "never"])
 @pytest.mark.parametrize("kind", list(OP_LAYERS))
 def test_layers_match_reference_on_both_paths(sparse_calls, mode, kind):

@@ -306,18 +306,40 @@ class _Conv:
                     packed)
         return packed
 
+    def _split_args(self, spline_weight: Tensor, spline_scaler: Tensor, need: Sequence[bool]):
+        """The gradients of the three weights (fresh, ``None`` where ``need`` says so) and the
+        arguments that :meth:`unpack3` and :meth:`backward3` pass to the kernels for them."""
+        spline = spline_weight.contiguous()
+        scaler = spline_scaler.contiguous()
+        o, cg = scaler.shape[:2]
+        grads = [torch.empty_like(t) if n else spline.new_empty(0) for t, n in zip((scaler, spline, scaler), need)]
+        views = [g.view(o, cg, self.taps, *g.shape[2 + (self.ndim):]) if g.numel() else g for g in grads]
+        weights = (spline.view(o, cg, self.taps, spline.shape[-1]), scaler.view(o, cg, self.taps))
+        return tuple(g if n else None for g, n in zip(grads, need)), weights, views
+
     def unpack3(self, packed: Tensor, spline_weight: Tensor, spline_scaler: Tensor,
                 need: Sequence[bool] = (True, True, True)) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """A packed weight gradient (of :meth:`packed_shape`) as the gradients of the three weights
         that :meth:`pack` combines: ``(base, spline, scaler)``, each ``None`` where ``need`` says so."""
-        spline = spline_weight.contiguous()
-        scaler = spline_scaler.contiguous()
-        o, cg = scaler.shape[:2]
-        grads = [torch.empty_like(t) if n else packed.new_empty(0) for t, n in zip((scaler, spline, scaler), need)]
-        views = [g.view(o, cg, self.taps, *g.shape[2 + (self.ndim):]) if g.numel() else g for g in grads]
-        _ops().unpack3(packed.contiguous(), spline.view(o, cg, self.taps, spline.shape[-1]),
-                       scaler.view(o, cg, self.taps), self.groups, self.K, *views)
-        return tuple(g if n else None for g, n in zip(grads, need))
+        grads, weights, views = self._split_args(spline_weight, spline_scaler, need)
+        _ops().unpack3(packed.contiguous(), *weights, self.groups, self.K, *views)
+        return grads
+
+    def backward3(self, grad_out: Tensor, prepared: Tensor | None, shape: torch.Size, need_x: bool,
+                  spline_weight: Tensor, spline_scaler: Tensor, need: Sequence[bool] = (True, True, True),
+                  scratch: Tensor | None = None) -> tuple[Tensor | None, tuple[Tensor | None, ...]]:
+        """The wide kernels' :meth:`backward` and :meth:`unpack3` in one call: the input gradient
+        (``None`` unless ``need_x``; then ``prepared`` is the packed weight) and the three weights'
+        gradients, each input channel's split from the packed gradient (in ``scratch`` if given)
+        right after its last update, while in cache."""
+        if self.narrow:
+            raise ValueError("backward3 is for the wide kernels; the narrow ones use backward and unpack3")
+        grads, weights, views = self._split_args(spline_weight, spline_scaler, need)
+        gx = torch.empty_like(self.x) if need_x else self.x.new_empty(0)
+        gw = self.x.new_empty(self.packed_shape()) if scratch is None else scratch
+        _ops().backward3(self._grad_out(grad_out), self.x, *self.args(), prepared if need_x else gw,
+                         *self.geometry(), *weights, gx, gw, *views)
+        return (gx.reshape(shape) if need_x else None), grads
 
     def prepare(self, weight: Tensor | tuple[Tensor, Tensor, Tensor], forward: bool = True, derivative: bool = True,
                 out: Tensor | None = None):

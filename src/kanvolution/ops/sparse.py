@@ -197,20 +197,20 @@ def _scratch(conv, weight, slot: str) -> Tensor | None:
     return _workspace_tensor(conv.packed_shape(), weight[0] if isinstance(weight, tuple) else weight, slot)
 
 
-def _backward(grad_out, x, state, weight, weight_shape, option, stride, dilation, groups, need_x, need_w,
-              unpack: bool):
+def _backward(conv, grad_out, x, weight, need_x, need_w, unpack: bool):
     """The input gradient (``(N, *S, C)`` or empty) and the weight gradient: combined layout, or
     packed (``unpack=False``: possibly a kept buffer, to be consumed before the next call)."""
-    conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
     prepared = None
     if need_x or conv.narrow:
         prepared = _prepare_packed(conv, weight, False, need_x)
     scratch = _scratch(conv, weight, "packed_grad") if need_w else None
     gx, gw = conv.backward(grad_out, prepared, conv.x.shape, need_x, need_w, scratch=scratch, unpack=unpack)
-    grad_x = x.new_empty(0)
-    if need_x:
-        grad_x = gx.movedim(1, -1).reshape(x.shape).contiguous()
-    return conv, grad_x, gw
+    return _grad_x(gx, x, need_x), gw
+
+
+def _grad_x(gx, x, need_x: bool) -> Tensor:
+    """The kernels' input gradient ``(N, C, *S)`` (channel-first, flat spatial) shaped like ``x``."""
+    return gx.movedim(1, -1).reshape(x.shape).contiguous() if need_x else x.new_empty(0)
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
@@ -219,8 +219,8 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
     if not use_sparse(x, state, weight, basis, option, activation, groups):
         return None
     need_x, need_w = output_mask
-    _, grad_x, gw = _backward(grad_out, x, state, weight, weight.shape, option, stride, dilation, groups, need_x,
-                              need_w, True)
+    conv = _conv(x, state, weight.shape, option, stride, dilation, groups)
+    grad_x, gw = _backward(conv, grad_out, x, weight, need_x, need_w, True)
     from .kan import _strided_like
 
     return grad_x, (_strided_like(gw, weight) if need_w else weight.new_empty(0))
@@ -229,14 +229,23 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
 def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
                       stride, dilation, groups, output_mask) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """``kan_backward_factored`` by the sparse kernels (the packed weight gradient split into the
-    three weights' gradients in one pass), or ``None`` where the rule says dense."""
+    three weights' gradients: by the wide kernels channel by channel as each is final, else in one
+    pass after the backward), or ``None`` where the rule says dense."""
     weights = (base_weight, spline_weight, spline_scaler)
     if not _use_sparse_factored(x, state, weights, basis, option, activation, groups):
         return None
     need_x, need = output_mask[0], list(output_mask[1:])
-    conv, grad_x, gw = _backward(grad_out, x, state, weights, combined_shape(base_weight, spline_weight), option,
-                                 stride, dilation, groups, need_x, any(need), False)
+    weight_shape = combined_shape(base_weight, spline_weight)
+    conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
+    if any(need) and not conv.narrow:
+        # The wide kernels split each channel's packed gradient as soon as it is final (in cache).
+        prepared = _prepare_packed(conv, weights, False, True) if need_x else None
+        gx, grads = conv.backward3(grad_out, prepared, conv.x.shape, need_x, spline_weight, spline_scaler, need,
+                                   scratch=_scratch(conv, weights, "packed_grad"))
+        grad_x = _grad_x(gx, x, need_x)
+    else:
+        grad_x, gw = _backward(conv, grad_out, x, weights, need_x, any(need), False)
+        grads = conv.unpack3(gw, spline_weight, spline_scaler, need) if any(need) else (None, None, None)
     from .kan import _strided_like
 
-    grads = conv.unpack3(gw, spline_weight, spline_scaler, need) if any(need) else (None, None, None)
     return (grad_x, *(w.new_empty(0) if g is None else _strided_like(g, w) for g, w in zip(grads, weights)))

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -625,6 +626,126 @@ inline void grad_weight_group_tap(int k_rt, int64_t Og, const Buckets& sorted, c
   for (int u = 0; u < NV; ++u) Vc::store(ws + u * LW, Vc::load(ws + u * LW) + b[u]);
 }
 
+// The spline weight of one (output, input channel) as a slab of taps * nb columns, column k = u * nb + j
+// (tap u, basis j): the packed row (u * S + K + 1 + j) and the tap of each column (pack3, Unpack3).
+struct SlabColumns {
+  std::vector<int64_t> row, tap;  // per column k: its packed row and its tap
+  SlabColumns(int64_t taps, int64_t nb, int64_t S, int64_t K) : row(taps * nb), tap(taps * nb) {
+    for (int64_t k = 0; k < taps * nb; ++k) {
+      tap[k] = k / nb;
+      row[k] = tap[k] * S + K + 1 + k % nb;
+    }
+  }
+};
+
+// The scalers of a tile's LW outputs o0 .. o0 + LW - 1 (first: the group's o = 0 and the input
+// channel), tap by tap: scv[u * LW + l] for output o0 + l and tap u.
+template <typename T>
+inline void tile_scalers(const T* scaler, int64_t first, int64_t o0, int64_t cg, int64_t taps, T* scv) {
+  constexpr int LW = Vec64<T>::lanes;
+  for (int64_t u = 0; u < taps; ++u)
+    for (int l = 0; l < LW; ++l) scv[u * LW + l] = scaler[(first + (o0 + l) * cg) * taps + u];
+}
+
+// The inverse of pack3 for gradients: from a packed weight gradient g, the three weights' gradients
+// through the combination: g_base = row 0, g_spline = g_basis * scaler, g_scaler = sum over bases
+// of g_basis * spline (each in the parameter's layout; any of them may be null: not needed), one
+// input channel at a time (its rows of g, once they are final: the backward calls it for a channel
+// right after the channel's last updates, while its rows are in cache). The spline part on tiles as
+// in pack3_impl; each scaler's sum keeps its order (bases in turn).
+template <typename T>
+struct Unpack3 {
+  using Vc = Vec64<T>;
+  using vec = typename Vc::type;
+  static constexpr int LW = Vc::lanes;
+  const T* packed;
+  const T* spline;
+  const T* scaler;
+  T *gb, *gs, *gsc;
+  const int64_t C, nb, taps, og, K, cg, S, o_stride, ncol, ov, kv;
+  const SlabColumns cols;
+  const Transposer<T> transpose;
+  Unpack3(const T* packed_, const T* spline_, const T* scaler_, T* gb_, T* gs_, T* gsc_, int64_t C_, int64_t groups,
+          int64_t nb_, int64_t taps_, int64_t og_, int64_t K_)
+      : packed(packed_), spline(spline_), scaler(scaler_), gb(gb_), gs(gs_), gsc(gsc_), C(C_), nb(nb_), taps(taps_),
+        og(og_), K(K_), cg(C_ / groups), S(nb_ + 1 + 2 * K_), o_stride(cg * taps_), ncol(taps_ * nb_),
+        ov(og_ / LW * LW), kv(ncol / LW * LW), cols(taps_, nb_, S, K_) {}
+  // Scratch of one thread (T elements): the scalers of a tile's outputs and their sums, per tap.
+  int64_t scratch_size() const { return 2 * taps * LW; }
+  void channel(int64_t c, T* scratch) const {
+    T* scv = scratch;
+    T* sums = scratch + taps * LW;
+    const int64_t first = (c / cg) * og * cg + c % cg;
+    const T* src_c = packed + c * taps * S * og;
+    if (gb != nullptr) {
+      for (int64_t u = 0; u < taps; ++u) {
+        const T* a = src_c + u * S * og;
+        T* d = gb + first * taps + u;
+        for (int64_t o = 0; o < og; ++o) d[o * o_stride] = a[o];
+      }
+    }
+    if (gs == nullptr && gsc == nullptr) return;
+    for (int64_t o0 = 0; o0 < ov; o0 += LW) {
+      tile_scalers(scaler, first, o0, cg, taps, scv);
+      std::fill(sums, sums + taps * LW, T(0));
+      for (int64_t k0 = 0; k0 < kv; k0 += LW) {
+        vec a[LW];  // a[jj]: column k0 + jj of the LW outputs
+        for (int jj = 0; jj < LW; ++jj) a[jj] = Vc::load(src_c + cols.row[k0 + jj] * og + o0);
+        if (gsc != nullptr) {
+          vec sp[LW];
+          for (int l = 0; l < LW; ++l) sp[l] = Vc::load(spline + (first + (o0 + l) * cg) * ncol + k0);
+          transpose(sp);
+          for (int jj = 0; jj < LW; ++jj) {
+            T* sum = sums + cols.tap[k0 + jj] * LW;
+            Vc::store(sum, Vc::load(sum) + a[jj] * sp[jj]);
+          }
+        }
+        if (gs != nullptr) {
+          for (int jj = 0; jj < LW; ++jj) a[jj] = a[jj] * Vc::load(scv + cols.tap[k0 + jj] * LW);
+          transpose(a);
+          for (int l = 0; l < LW; ++l) Vc::store(gs + (first + (o0 + l) * cg) * ncol + k0, a[l]);
+        }
+      }
+      for (int64_t k = kv; k < ncol; ++k) {
+        for (int l = 0; l < LW; ++l) {
+          const int64_t i = (first + (o0 + l) * cg) * ncol + k;
+          const T v = src_c[cols.row[k] * og + o0 + l];
+          if (gs != nullptr) gs[i] = v * scv[cols.tap[k] * LW + l];
+          if (gsc != nullptr) sums[cols.tap[k] * LW + l] += v * spline[i];
+        }
+      }
+      if (gsc != nullptr)
+        for (int64_t u = 0; u < taps; ++u)
+          for (int l = 0; l < LW; ++l) gsc[(first + (o0 + l) * cg) * taps + u] = sums[u * LW + l];
+    }
+    for (int64_t o = ov; o < og; ++o) {
+      for (int64_t u = 0; u < taps; ++u) {
+        const int64_t i = (first + o * cg) * taps + u;
+        const T* a = src_c + (u * S + K + 1) * og + o;
+        if (gs != nullptr) {
+          const T sc = scaler[i];
+          for (int64_t j = 0; j < nb; ++j) gs[i * nb + j] = a[j * og] * sc;
+        }
+        if (gsc != nullptr) {
+          const T* sp = spline + i * nb;
+          T sum = T(0);
+          for (int64_t j = 0; j < nb; ++j) sum += a[j * og] * sp[j];
+          gsc[i] = sum;
+        }
+      }
+    }
+  }
+};
+
+// Unpack3 over all input channels (the packed gradient complete).
+template <typename T>
+void unpack3_impl(const Unpack3<T>& u) {
+  at::parallel_for(0, u.C, 1, [&](int64_t begin, int64_t end) {
+    AlignedBuf<T> scratch(u.scratch_size());
+    for (int64_t c = begin; c < end; ++c) u.channel(c, scratch.data());
+  });
+}
+
 // One batch chunk's backward: the input gradient of one (sample, channel) and the weight
 // gradient's updates from it, each given the positions of that sample and channel sorted by span.
 template <typename T, int KC>
@@ -641,14 +762,15 @@ struct BackwardChunk {
   const int64_t Ov;
   const TapOffsets offsets;
   const int64_t group;  // samples per weight-gradient group (weight_group)
+  const Unpack3<T>* unpack;  // null, or the split of the weight gradient into the three weights'
   std::vector<int64_t> orphans;  // the positions that feed no output through any tap (strides)
 
   BackwardChunk(const T* go_, const T* wp_, const Geometry& g_, int k_rt_, int64_t n_knots_, const Local<T>& loc_,
-                int64_t n0_, int64_t nn_)
+                int64_t n0_, int64_t nn_, const Unpack3<T>* unpack_)
       : go(go_), wp(wp_), g(g_), loc(loc_), k_rt(k_rt_), n_knots(n_knots_), n0(n0_),
         nn(nn_), L(g_.in_size()), Og(g_.Og), S(g_.S), taps(g_.taps()), blocks(vector_blocks(Og, LW, KC > 0 ? 4 : 2)),
         Ov(blocks.empty() ? 0 : blocks.back().first + blocks.back().second * LW), offsets(g_),
-        group(weight_group(g_.out_size(), g_.O, sizeof(T))) {
+        group(weight_group(g_.out_size(), g_.O, sizeof(T))), unpack(unpack_) {
     for (int64_t q = 0; q < L; ++q) {
       bool feeds = false;
       for (int64_t t = 0; t < taps; ++t) feeds = feeds || offsets.tap(t, L)[q] >= 0;
@@ -707,6 +829,18 @@ struct BackwardChunk {
       gxc[q] = T(0) * sum + T(0);
     }
   }
+
+  // Before the weight gradient's first updates of channel c in a call (its first chunk): its rows of gw
+  // zeroed, by the thread that updates them (no weight-sized pass on one thread before the chunks).
+  void begin_channel(int64_t c, T* gw) const {
+    if (n0 == 0) std::fill(gw + c * taps * S * Og, gw + (c + 1) * taps * S * Og, T(0));
+  }
+  // After its last updates (the last chunk): channel c's rows are final, and split (unpack) while in
+  // cache. scratch: unpack->scratch_size() elements.
+  void end_channel(int64_t c, T* scratch) const {
+    if (unpack != nullptr && n0 + nn == g.N) unpack->channel(c, scratch);
+  }
+  int64_t end_scratch() const { return unpack != nullptr ? unpack->scratch_size() : 0; }
 
   // gw's rows of channel c += the terms of samples [s0, s1) of the chunk (at most kWeightGroup).
   void weight(int64_t s0, int64_t s1, int64_t c, SpanOrder& sorted, TapList& list, T* gw) const {
@@ -780,9 +914,13 @@ void grad_weight_chunk(const BackwardChunk<T, KC>& bc, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
     TapList list(bc.n_knots - 1, bc.L * kWeightGroup);
-    for (int64_t c = begin; c < end; ++c)
+    AlignedBuf<T> scratch(bc.end_scratch());
+    for (int64_t c = begin; c < end; ++c) {
+      bc.begin_channel(c, gw);
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group)
         bc.weight(s0, std::min(bc.nn, s0 + bc.group), c, sorted, list, gw);
+      bc.end_channel(c, scratch.data());
+    }
   });
 }
 
@@ -793,8 +931,9 @@ void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
   at::parallel_for(0, bc.g.C, 1, [&](int64_t begin, int64_t end) {
     SpanOrder sorted(bc.n_knots - 1, bc.L);
     TapList list(bc.n_knots - 1, bc.L * kWeightGroup);
-    AlignedBuf<T> acc(bc.L * bc.LW);
+    AlignedBuf<T> acc(bc.L * bc.LW), scratch(bc.end_scratch());
     for (int64_t c = begin; c < end; ++c) {
+      bc.begin_channel(c, gw);
       for (int64_t s0 = 0; s0 < bc.nn; s0 += bc.group) {
         const int64_t s1 = std::min(bc.nn, s0 + bc.group);
         for (int64_t nl = s0; nl < s1; ++nl) {
@@ -803,26 +942,33 @@ void grad_both_chunk(const BackwardChunk<T, KC>& bc, T* gx, T* gw) {
         }
         bc.weight(s0, s1, c, sorted, list, gw);
       }
+      bc.end_channel(c, scratch.data());
     }
   });
 }
 
 // Both gradients (gx or gw may be null: not needed) from one local form per batch chunk, built
 // with derivatives when gx is needed: the input gradient reads its derivatives, the weight
-// gradient its values. gw is zeroed here and accumulates over the chunks.
+// gradient its values. gw is zeroed here (channel by channel, in the first chunk) and accumulates
+// over the chunks; unpack (or null): gw split into the three weights' gradients as it is final.
 template <typename T, int KC>
 void backward_impl(const T* go, const T* x, const T* t0, const T* inv_h, const Tables<T>& tab, const T* wp,
-                   const Geometry& g, int k_rt, int64_t n_knots, T* gx, T* gw) {
+                   const Geometry& g, int k_rt, int64_t n_knots, T* gx, T* gw, const Unpack3<T>* unpack = nullptr) {
   const int K = KC > 0 ? KC : k_rt;
   const int64_t L = g.in_size();
   const bool derivative = gx != nullptr;
+  if (gw == nullptr) unpack = nullptr;
+  if (g.N == 0) {  // no chunk: the weight gradient is zero
+    if (gw != nullptr) std::fill(gw, gw + g.C * g.taps() * g.S * g.Og, T(0));
+    if (unpack != nullptr) unpack3_impl(*unpack);
+    return;
+  }
   const int64_t chunk = chunk_samples(g, K, sizeof(T), derivative, true);
   Local<T> loc(K, chunk * g.C * L, derivative);
-  if (gw != nullptr) std::fill(gw, gw + g.C * g.taps() * g.S * g.Og, T(0));
   for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
     const int64_t nn = std::min(chunk, g.N - n0);
     loc.template build<KC>(x + n0 * g.C * L, t0, inv_h, tab.coef, tab.dcoef, nn * g.C, g.C, L, n_knots);
-    const BackwardChunk<T, KC> bc(go, wp, g, k_rt, n_knots, loc, n0, nn);
+    const BackwardChunk<T, KC> bc(go, wp, g, k_rt, n_knots, loc, n0, nn, unpack);
     if (gx != nullptr && gw != nullptr && g.C >= 2 * at::get_num_threads())
       grad_both_chunk(bc, gx, gw);
     else {
@@ -1303,11 +1449,56 @@ void forward(const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
   });
 }
 
+// The checks of unpack3's arguments (packed: the packed gradient, or anything of its shape).
+void check_unpack3(const at::Tensor& packed, const at::Tensor& spline, const at::Tensor& scaler, int64_t groups,
+                   int64_t K, const at::Tensor& gb, const at::Tensor& gs, const at::Tensor& gsc) {
+  TORCH_CHECK(packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kDouble,
+              "packed must be float32 or float64");
+  check_cpu(packed, packed, "packed", 4);
+  check_cpu(spline, packed, "spline", 4);
+  check_cpu(scaler, packed, "scaler", 3);
+  const int64_t C = packed.size(0), taps = packed.size(1), S = packed.size(2), og = packed.size(3);
+  const int64_t nb = S - 2 * K - 1;
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && nb >= 1 &&
+                  spline.sizes() == at::IntArrayRef({og * groups, C / groups, taps, nb}) &&
+                  scaler.sizes() == at::IntArrayRef({og * groups, C / groups, taps}),
+              "unpack3: packed ", packed.sizes(), " does not match spline ", spline.sizes(), ", scaler ",
+              scaler.sizes(), " with groups ", groups, ", K ", K);
+  const bool need_b = gb.numel() > 0, need_s = gs.numel() > 0, need_sc = gsc.numel() > 0;
+  if (need_b) check_cpu(gb, packed, "gb", 3);
+  if (need_s) check_cpu(gs, packed, "gs", 4);
+  if (need_sc) check_cpu(gsc, packed, "gsc", 3);
+  TORCH_CHECK((!need_b || gb.sizes() == scaler.sizes()) && (!need_s || gs.sizes() == spline.sizes()) &&
+                  (!need_sc || gsc.sizes() == scaler.sizes()),
+              "unpack3: the gradients must be shaped like their weights (or empty)");
+}
+
+template <typename T>
+Unpack3<T> unpack3_of(const at::Tensor& packed, const at::Tensor& spline, const at::Tensor& scaler, int64_t groups,
+                      int64_t K, const at::Tensor& gb, const at::Tensor& gs, const at::Tensor& gsc) {
+  const int64_t S = packed.size(2);
+  return Unpack3<T>(packed.data_ptr<T>(), spline.data_ptr<T>(), scaler.data_ptr<T>(),
+                    gb.numel() > 0 ? gb.data_ptr<T>() : nullptr, gs.numel() > 0 ? gs.data_ptr<T>() : nullptr,
+                    gsc.numel() > 0 ? gsc.data_ptr<T>() : nullptr, packed.size(0), groups, S - 2 * K - 1,
+                    packed.size(1), packed.size(3), K);
+}
+
+// The three weights' gradients that the backward splits its packed weight gradient into (unpack3).
+struct Unpack3Args {
+  const at::Tensor& spline;
+  const at::Tensor& scaler;
+  int64_t groups;
+  const at::Tensor& gb;
+  const at::Tensor& gs;
+  const at::Tensor& gsc;
+};
+
 // Both gradients in one call (one local form per chunk for both); gx or gw empty: not computed.
-void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
-              const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
-              at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
-              at::Tensor gx, at::Tensor gw) {
+// With `split`, also the three weights' gradients from gw, each channel's right after its last update.
+void backward_split(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+                    const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+                    const at::Tensor& gx, const at::Tensor& gw, const Unpack3Args* split) {
   const Geometry g = geometry(x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups);
   check_grad_out(grad_out, x, g);
   const bool need_x = gx.numel() > 0, need_w = gw.numel() > 0;
@@ -1319,16 +1510,44 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
     check_cpu(gw, x, "gw", 4);
     TORCH_CHECK(gw.sizes() == wp.sizes(), "gw must be shaped like the packed weight");
   }
+  if (split != nullptr) {
+    TORCH_CHECK(need_w, "backward3: gw (the packed weight gradient's room) must not be empty");
+    TORCH_CHECK(split->groups == groups, "backward3: groups differ");
+    check_unpack3(gw, split->spline, split->scaler, groups, K, split->gb, split->gs, split->gsc);
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kan_sparse_backward", [&] {
     const Tables<scalar_t> tab(coef, dcoef);
+    std::optional<Unpack3<scalar_t>> unpack;
+    if (split != nullptr)
+      unpack.emplace(unpack3_of<scalar_t>(gw, split->spline, split->scaler, groups, K, split->gb, split->gs, split->gsc));
     dispatch_order(K, [&](auto kc) {
       backward_impl<scalar_t, decltype(kc)::value>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                    t0.data_ptr<scalar_t>(), inv_h.data_ptr<scalar_t>(), tab,
                                                    wp.data_ptr<scalar_t>(), g, int(K), n_knots,
                                                    need_x ? gx.data_ptr<scalar_t>() : nullptr,
-                                                   need_w ? gw.data_ptr<scalar_t>() : nullptr);
+                                                   need_w ? gw.data_ptr<scalar_t>() : nullptr,
+                                                   unpack ? &*unpack : nullptr);
     });
   });
+}
+
+void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+              const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+              at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+              at::Tensor gx, at::Tensor gw) {
+  backward_split(grad_out, x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups, gx, gw, nullptr);
+}
+
+// backward, and gw (the packed gradient's room) split into the gradients of the three weights as unpack3
+// does (gb, gs, gsc empty: not needed), each channel while its rows are in cache. wp: the packed
+// weight, or gw where gx is empty (only its shape is read then).
+void backward3(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
+               const at::Tensor& coef, const at::Tensor& dcoef, const at::Tensor& wp, int64_t K, int64_t n_knots,
+               at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef dilation, int64_t groups,
+               const at::Tensor& spline, const at::Tensor& scaler, at::Tensor gx, at::Tensor gw, at::Tensor gb,
+               at::Tensor gs, at::Tensor gsc) {
+  const Unpack3Args split{spline, scaler, groups, gb, gs, gsc};
+  backward_split(grad_out, x, t0, inv_h, coef, dcoef, wp, K, n_knots, kernel, stride, dilation, groups, gx, gw, &split);
 }
 
 void grad_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& t0, const at::Tensor& inv_h,
@@ -1558,25 +1777,6 @@ void unpack(const at::Tensor& packed, int64_t groups, int64_t K, const at::Tenso
 // transpose, LW contiguous stores; scalar code for the outputs and columns left over): at 128 -> 128,
 // 2 threads, 1.6x-2.1x as fast as element by element (unpack3: 1.2x-1.8x), the packed weight bit
 // for bit the same.
-struct SlabColumns {
-  std::vector<int64_t> row, tap;  // per column k: its packed row and its tap
-  SlabColumns(int64_t taps, int64_t nb, int64_t S, int64_t K) : row(taps * nb), tap(taps * nb) {
-    for (int64_t k = 0; k < taps * nb; ++k) {
-      tap[k] = k / nb;
-      row[k] = tap[k] * S + K + 1 + k % nb;
-    }
-  }
-};
-
-// The scalers of a tile's LW outputs o0 .. o0 + LW - 1 (first: the group's o = 0 and the input
-// channel), tap by tap: scv[u * LW + l] for output o0 + l and tap u.
-template <typename T>
-inline void tile_scalers(const T* scaler, int64_t first, int64_t o0, int64_t cg, int64_t taps, T* scv) {
-  constexpr int LW = Vec64<T>::lanes;
-  for (int64_t u = 0; u < taps; ++u)
-    for (int l = 0; l < LW; ++l) scv[u * LW + l] = scaler[(first + (o0 + l) * cg) * taps + u];
-}
-
 template <typename T>
 void pack3_impl(const T* base, const T* spline, const T* scaler, T* out, int64_t C, int64_t groups, int64_t nb,
                 int64_t taps, int64_t og, int64_t K) {
@@ -1642,111 +1842,11 @@ void pack3(const at::Tensor& base, const at::Tensor& spline, const at::Tensor& s
   });
 }
 
-// The inverse for gradients: from a packed weight gradient g, the three weights' gradients through
-// the combination: g_base = row 0, g_spline = g_basis * scaler, g_scaler = sum over bases of
-// g_basis * spline (each in the parameter's layout; any of them may be empty: not needed). The
-// spline part on tiles as in pack3_impl; each scaler's sum keeps its order (bases in turn).
-template <typename T>
-void unpack3_impl(const T* packed, const T* spline, const T* scaler, T* gb, T* gs, T* gsc, int64_t C, int64_t groups,
-                  int64_t nb, int64_t taps, int64_t og, int64_t K) {
-  using Vc = Vec64<T>;
-  using vec = typename Vc::type;
-  constexpr int LW = Vc::lanes;
-  const int64_t cg = C / groups, S = nb + 1 + 2 * K, o_stride = cg * taps, ncol = taps * nb;
-  const int64_t ov = og / LW * LW, kv = ncol / LW * LW;
-  const SlabColumns cols(taps, nb, S, K);
-  const Transposer<T> transpose;
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuf<T> scv(taps * LW), sums(taps * LW);  // per tap: the tile's scalers, its scalers' sums
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t first = (c / cg) * og * cg + c % cg;
-      const T* src_c = packed + c * taps * S * og;
-      if (gb != nullptr) {
-        for (int64_t u = 0; u < taps; ++u) {
-          const T* a = src_c + u * S * og;
-          T* d = gb + first * taps + u;
-          for (int64_t o = 0; o < og; ++o) d[o * o_stride] = a[o];
-        }
-      }
-      if (gs == nullptr && gsc == nullptr) continue;
-      for (int64_t o0 = 0; o0 < ov; o0 += LW) {
-        tile_scalers(scaler, first, o0, cg, taps, scv.data());
-        std::fill(sums.data(), sums.data() + taps * LW, T(0));
-        for (int64_t k0 = 0; k0 < kv; k0 += LW) {
-          vec a[LW];  // a[jj]: column k0 + jj of the LW outputs
-          for (int jj = 0; jj < LW; ++jj) a[jj] = Vc::load(src_c + cols.row[k0 + jj] * og + o0);
-          if (gsc != nullptr) {
-            vec sp[LW];
-            for (int l = 0; l < LW; ++l) sp[l] = Vc::load(spline + (first + (o0 + l) * cg) * ncol + k0);
-            transpose(sp);
-            for (int jj = 0; jj < LW; ++jj) {
-              T* sum = sums.data() + cols.tap[k0 + jj] * LW;
-              Vc::store(sum, Vc::load(sum) + a[jj] * sp[jj]);
-            }
-          }
-          if (gs != nullptr) {
-            for (int jj = 0; jj < LW; ++jj) a[jj] = a[jj] * Vc::load(scv.data() + cols.tap[k0 + jj] * LW);
-            transpose(a);
-            for (int l = 0; l < LW; ++l) Vc::store(gs + (first + (o0 + l) * cg) * ncol + k0, a[l]);
-          }
-        }
-        for (int64_t k = kv; k < ncol; ++k) {
-          for (int l = 0; l < LW; ++l) {
-            const int64_t i = (first + (o0 + l) * cg) * ncol + k;
-            const T v = src_c[cols.row[k] * og + o0 + l];
-            if (gs != nullptr) gs[i] = v * scv[cols.tap[k] * LW + l];
-            if (gsc != nullptr) sums[cols.tap[k] * LW + l] += v * spline[i];
-          }
-        }
-        if (gsc != nullptr)
-          for (int64_t u = 0; u < taps; ++u)
-            for (int l = 0; l < LW; ++l) gsc[(first + (o0 + l) * cg) * taps + u] = sums[u * LW + l];
-      }
-      for (int64_t o = ov; o < og; ++o) {
-        for (int64_t u = 0; u < taps; ++u) {
-          const int64_t i = (first + o * cg) * taps + u;
-          const T* a = src_c + (u * S + K + 1) * og + o;
-          if (gs != nullptr) {
-            const T sc = scaler[i];
-            for (int64_t j = 0; j < nb; ++j) gs[i * nb + j] = a[j * og] * sc;
-          }
-          if (gsc != nullptr) {
-            const T* sp = spline + i * nb;
-            T sum = T(0);
-            for (int64_t j = 0; j < nb; ++j) sum += a[j * og] * sp[j];
-            gsc[i] = sum;
-          }
-        }
-      }
-    }
-  });
-}
-
 void unpack3(const at::Tensor& packed, const at::Tensor& spline, const at::Tensor& scaler, int64_t groups, int64_t K,
              const at::Tensor& gb, const at::Tensor& gs, const at::Tensor& gsc) {
-  TORCH_CHECK(packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kDouble,
-              "packed must be float32 or float64");
-  check_cpu(packed, packed, "packed", 4);
-  check_cpu(spline, packed, "spline", 4);
-  check_cpu(scaler, packed, "scaler", 3);
-  const int64_t C = packed.size(0), taps = packed.size(1), S = packed.size(2), og = packed.size(3);
-  const int64_t nb = S - 2 * K - 1;
-  TORCH_CHECK(groups >= 1 && C % groups == 0 && nb >= 1 &&
-                  spline.sizes() == at::IntArrayRef({og * groups, C / groups, taps, nb}) &&
-                  scaler.sizes() == at::IntArrayRef({og * groups, C / groups, taps}),
-              "unpack3: packed ", packed.sizes(), " does not match spline ", spline.sizes(), ", scaler ",
-              scaler.sizes(), " with groups ", groups, ", K ", K);
-  const bool need_b = gb.numel() > 0, need_s = gs.numel() > 0, need_sc = gsc.numel() > 0;
-  if (need_b) check_cpu(gb, packed, "gb", 3);
-  if (need_s) check_cpu(gs, packed, "gs", 4);
-  if (need_sc) check_cpu(gsc, packed, "gsc", 3);
-  TORCH_CHECK((!need_b || gb.sizes() == scaler.sizes()) && (!need_s || gs.sizes() == spline.sizes()) &&
-                  (!need_sc || gsc.sizes() == scaler.sizes()),
-              "unpack3: the gradients must be shaped like their weights (or empty)");
+  check_unpack3(packed, spline, scaler, groups, K, gb, gs, gsc);
   AT_DISPATCH_FLOATING_TYPES(packed.scalar_type(), "kanvolution_sparse_unpack3", [&] {
-    unpack3_impl<scalar_t>(packed.data_ptr<scalar_t>(), spline.data_ptr<scalar_t>(), scaler.data_ptr<scalar_t>(),
-                           need_b ? gb.data_ptr<scalar_t>() : nullptr, need_s ? gs.data_ptr<scalar_t>() : nullptr,
-                           need_sc ? gsc.data_ptr<scalar_t>() : nullptr, C, groups, nb, taps, og, K);
+    unpack3_impl(unpack3_of<scalar_t>(packed, spline, scaler, groups, K, gb, gs, gsc));
   });
 }
 
@@ -1771,6 +1871,10 @@ TORCH_LIBRARY(kanvolution_sparse, m) {
   m.def("backward(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, "
         "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) gx, Tensor(b!) gw) -> ()",
         &backward);
+  m.def("backward3(Tensor grad_out, Tensor x, Tensor t0, Tensor inv_h, Tensor coef, Tensor dcoef, Tensor wp, int K, "
+        "int n_knots, int[] kernel, int[] stride, int[] dilation, int groups, Tensor spline, Tensor scaler, "
+        "Tensor(a!) gx, Tensor(b!) gw, Tensor(c!) gb, Tensor(d!) gs, Tensor(e!) gsc) -> ()",
+        &backward3);
   m.def("narrow_forward(Tensor x, Tensor sx, Tensor t0, Tensor inv_h, Tensor P, Tensor Wb, int K, int n_knots, "
         "int[] kernel, int[] stride, int[] dilation, int groups, Tensor(a!) out) -> ()",
         &narrow_forward);
