@@ -625,6 +625,36 @@ def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     assert _rel(y1, a(x)) < 1e-9 and _rel(y0, y1) > 1e-3
 
 
+def test_packing_is_not_taken_for_a_new_layer_at_a_freed_layers_addresses(sparse_calls):
+    """A layer freed after its forward and a new one whose weights the allocator puts at the same
+    addresses, with the same version counters (the same initialisation): the kept buffer's packing
+    is the old layer's, and the new layer must pack its own (it did not when the key was addresses
+    and versions only)."""
+    import gc
+
+    x = torch.rand(2, 40, 6, 6, dtype=F64) * 2 - 1
+    coincided = 0
+    for trial in range(8):
+        S.set_mode("always")
+        torch.manual_seed(trial)
+        a = KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64)
+        with torch.no_grad():
+            a(x)
+        seen = [(p.data_ptr(), p._version) for p in a.parameters()]
+        del a
+        gc.collect()
+        torch.manual_seed(100 + trial)
+        b = KANConv2d(40, 40, 3, padding=1, grid_size=10, dtype=F64)
+        coincided += [(p.data_ptr(), p._version) for p in b.parameters()] == seen
+        with torch.no_grad():
+            got = b(x)
+            S.set_mode("never")
+            want = b(x)
+        assert _rel(got, want) < 1e-9
+    if not coincided:
+        pytest.skip("the allocator never put the new layer's weights at the old one's addresses")
+
+
 def _train_step(model, x):
     model.zero_grad(set_to_none=True)
     out = model(x)

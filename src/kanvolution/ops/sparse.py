@@ -30,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -120,16 +121,31 @@ def _conv(x: Tensor, state: Tensor, weight_shape, option: int, stride, dilation,
                          list(dilation) or 1, groups)
 
 
-def _packed_key(conv, weight, buffer: Tensor) -> tuple | None:
-    """What packing ``weight`` into ``buffer`` puts there: the weights' storage, version counter,
-    shape and strides (an in-place change moves the version), the packing's geometry and the buffer.
-    ``None`` where a weight has no version counter (an inference tensor)."""
+class _PackedKey:
+    """What packing weights into a kept buffer put there: the weights' storage, version counter,
+    shape, strides and dtype (an in-place change moves the version), the packing's geometry and the
+    buffer, and the weight tensors themselves, held weakly: a key matches only while the same tensor
+    objects are alive. (Storage addresses and version counters alone do not tell a freed layer's
+    weights from a new layer's allocated at the same addresses with the same number of in-place
+    initialisations: its packed weight would be taken for the new layer's.)"""
+
+    def __init__(self, conv, weights: tuple[Tensor, ...], buffer: Tensor):
+        self.fields = (conv.packed_shape(), conv.groups, conv.K, buffer.data_ptr()) + tuple(
+            (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype) for w in weights)
+        self.refs = tuple(weakref.ref(w) for w in weights)
+
+    def matches(self, other: "_PackedKey") -> bool:
+        return self.fields == other.fields and all(
+            a() is not None and a() is b() for a, b in zip(self.refs, other.refs))
+
+
+def _packed_key(conv, weight, buffer: Tensor) -> _PackedKey | None:
+    """The :class:`_PackedKey` of packing ``weight`` (one tensor or the three weights) into
+    ``buffer``; ``None`` where a weight has no version counter (an inference tensor)."""
     try:
-        weights = tuple((w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype)
-                        for w in (weight if isinstance(weight, tuple) else (weight,)))
+        return _PackedKey(conv, weight if isinstance(weight, tuple) else (weight,), buffer)
     except RuntimeError:
         return None
-    return (conv.packed_shape(), conv.groups, conv.K, buffer.data_ptr()) + weights
 
 
 def _prepare_packed(conv, weight, forward: bool, derivative: bool):
@@ -143,7 +159,8 @@ def _prepare_packed(conv, weight, forward: bool, derivative: bool):
         return conv.prepare(weight, forward=forward, derivative=derivative)
     key = _packed_key(conv, weight, scratch)
     contents = _workspace_contents()
-    if key is not None and contents.get("packed") == key:
+    held = contents.get("packed")
+    if key is not None and held is not None and key.matches(held):
         return scratch
     contents.pop("packed", None)
     prepared = conv.prepare(weight, forward=forward, derivative=derivative, out=scratch)
