@@ -582,7 +582,8 @@ def test_kept_buffers_shared_by_layers_and_calls(sparse_calls):
 def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     """The wide kernels' backward right after its forward finds the forward's packed weight in the
     kept buffer and does not pack again; another layer's packing in between, or an in-place change
-    of the weights (their version counter), makes it pack again, with the dense path's results."""
+    of the weights (their version counter), makes it pack again, with the dense path's results. A
+    forward always packs."""
     ops = _sparse._ops()
     packs = []
 
@@ -604,8 +605,8 @@ def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     for p in (*a.parameters(), x):
         p.grad = None
     b(a(x)).sum().backward()
-    # a's forward finds its packing still there, b's packs, b's backward reuses it, a's packs again
-    assert len(packs) == 2
+    # the two forwards pack, b's backward reuses b's packing, a's packs again
+    assert len(packs) == 3
     got = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), x)]
     for p in (*a.parameters(), *b.parameters(), x):
         p.grad = None
@@ -615,14 +616,53 @@ def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     assert all(_rel(g, w) < 1e-9 for g, w in zip(got, want))
     S.set_mode("always")
     packs.clear()
-    y0 = a(x)  # the buffer still holds a's packing (a's backward was the last to pack)
-    assert not packs
-    with torch.no_grad():
-        a.spline_weight.mul_(2)  # same storage, new version: the next forward packs again
-    y1 = a(x)
+    y0 = a(x)  # a forward always packs
     assert len(packs) == 1
+    y0.sum().backward()
+    assert len(packs) == 1
+    with torch.no_grad():
+        a.spline_weight.mul_(2)
+        y1 = a(x)
+        a.spline_weight.data.mul_(0.5)  # .data: the version counter does not move, the forward sees it
+        y2 = a(x)
+        S.set_mode("never")
+        assert _rel(y2, a(x)) < 1e-9 and _rel(y2, y0) < 1e-12 and _rel(y0, y1) > 1e-3
+
+
+def test_narrow_backward_reuses_each_layers_tables(sparse_calls, monkeypatch):
+    """The narrow kernels' tables built by each layer's forward are kept (several of them) and found
+    by the layer's backward; a forward always builds its own (an in-place change through .data, which
+    the version counter does not see, still changes the next output), and the gradients are the dense
+    path's."""
+    built = []
+    prepare = _sparse._Conv.prepare
+
+    def counted(self, *args, **kwargs):
+        built.append(self.weight_shape)
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(_sparse._Conv, "prepare", counted)
+    torch.manual_seed(8)
+    a = KANConv2d(3, 5, 3, grid_size=10, dtype=F64)
+    b = KANConv2d(5, 4, 3, grid_size=10, dtype=F64)
+    x = torch.randn(2, 3, 9, 9, dtype=F64, requires_grad=True)
+    S.set_mode("always")
+    b(a(x)).sum().backward()
+    assert len(built) == 2  # the two forwards'; both backwards found them
+    got = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), x)]
+    for p in (*a.parameters(), *b.parameters(), x):
+        p.grad = None
     S.set_mode("never")
-    assert _rel(y1, a(x)) < 1e-9 and _rel(y0, y1) > 1e-3
+    b(a(x)).sum().backward()
+    want = [p.grad for p in (*a.parameters(), *b.parameters(), x)]
+    assert all(_rel(g, w) < 1e-9 for g, w in zip(got, want))
+    S.set_mode("always")
+    with torch.no_grad():
+        y0 = a(x)
+        a.spline_weight.data.mul_(2)
+        y1 = a(x)
+        S.set_mode("never")
+        assert _rel(y1, a(x)) < 1e-9 and _rel(y0, y1) > 1e-3
 
 
 def test_packing_is_not_taken_for_a_new_layer_at_a_freed_layers_addresses(sparse_calls):
@@ -653,6 +693,30 @@ def test_packing_is_not_taken_for_a_new_layer_at_a_freed_layers_addresses(sparse
         assert _rel(got, want) < 1e-9
     if not coincided:
         pytest.skip("the allocator never put the new layer's weights at the old one's addresses")
+
+
+@pytest.mark.parametrize("mode, c_out", [("always", 40), ("always", 4), ("never", 40)], ids=["wide", "narrow", "dense"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_input_gradient_has_the_inputs_layout(sparse_calls, mode, c_out, memory_format):
+    """The input's gradient has the input's strides on every path: a channel-first input gets a
+    channel-first gradient (the layer before, a max-pool's backward say, then reads it without a
+    copy), a channels-last input a channels-last one; the values are the reference's."""
+    from kanvolution.reference import kan_conv_reference
+
+    torch.manual_seed(9)
+    layer = KANConv2d(6, c_out, 3, padding=1, grid_size=10, dtype=F64)
+    x = (torch.rand(3, 6, 7, 7, dtype=F64) * 2 - 1).contiguous(memory_format=memory_format).requires_grad_()
+    S.set_mode(mode)
+    grad = torch.randn(3, c_out, 7, 7, dtype=F64)
+    h = x * 1  # not a leaf: its gradient reaches the hook as the layer's backward gives it
+    seen = []
+    h.register_hook(lambda g: seen.append(g.stride()))
+    layer(h).backward(grad)
+    assert seen == [x.stride()]
+    xr = x.detach().clone().requires_grad_()
+    kan_conv_reference(xr, layer.base_weight, layer.spline_weight, layer.spline_scaler, layer.grid, layer.bias,
+                       padding=1).backward(grad)
+    assert _rel(x.grad, xr.grad) < 1e-9
 
 
 def _train_step(model, x):

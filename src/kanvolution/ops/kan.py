@@ -100,7 +100,8 @@ def _workspace_tensor(shape: tuple[int, ...], like: Tensor, slot: str = "expansi
 
 def _workspace_contents() -> dict:
     """This thread's record of what its kept buffers hold: ``slot -> key`` of whoever filled the
-    slot last (forgotten when the slot's buffer is replaced or released)."""
+    slot last (forgotten when the slot's buffer is replaced or released), and ``"narrow"``: the
+    narrow sparse kernels' kept tables (see ``sparse._narrow_tables``; released with the buffers)."""
     contents = getattr(_workspace, "contents", None)
     if contents is None:
         contents = _workspace.contents = {}
@@ -140,6 +141,14 @@ def _strided_like(grad: Tensor, weight: Tensor) -> Tensor:
     if not grad.numel() or grad.stride() == weight.stride():
         return grad
     return torch.empty_like(weight).copy_(grad)
+
+
+def _grad_input_like(grad: Tensor, x: Tensor) -> Tensor:
+    """An input gradient with the strides ``torch.empty_like(x)`` gives (``x``'s own where it is
+    dense: for a layer's channel-first input, passed as its ``movedim`` view, a channel-first
+    gradient, which the layer before reads without a copy), as the fake kernels promise."""
+    like = torch.empty_like(x)
+    return grad if grad.stride() == like.stride() else like.copy_(grad)
 
 
 def _chunks(n: int, per_sample: int) -> list[tuple[int, int]]:
@@ -238,7 +247,7 @@ def _backward(grad_out, x, state, weight, basis, option, activation, stride, dil
             if not (compiled and family.cpu_input_grad is not None
                     and family.cpu_input_grad(xs, state, option, grad_e, g_base, out)):
                 family.input_grad(xs, state, option, grad_e, g_base, out)
-    return (grad_xl if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
+    return (_grad_input_like(grad_xl, x) if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
 
 
 @torch.library.custom_op("kanvolution::kan_forward", mutates_args=())
@@ -248,7 +257,7 @@ def kan_forward(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: in
     return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, False)
 
 
-@torch.library.custom_op("kanvolution::kan_backward", mutates_args=())
+@torch.library.custom_op("kanvolution::kan_backward", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def kan_backward(grad_out: Tensor, x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int,
                  activation: str, stride: list[int], dilation: list[int], groups: int,
                  output_mask: list[bool]) -> tuple[Tensor, Tensor]:
@@ -287,7 +296,7 @@ def _forward_fake(x, state, weight, basis, option, activation, stride, dilation,
 @kan_backward.register_fake
 def _backward_fake(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups, output_mask):
     need_x, need_w = output_mask
-    grad_x = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     return grad_x, (torch.empty_like(weight) if need_w else weight.new_empty(0))
 
 
@@ -301,7 +310,7 @@ def kan_forward_factored(x: Tensor, state: Tensor, base_weight: Tensor, spline_w
     return _forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last, False)
 
 
-@torch.library.custom_op("kanvolution::kan_backward_factored", mutates_args=())
+@torch.library.custom_op("kanvolution::kan_backward_factored", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def kan_backward_factored(grad_out: Tensor, x: Tensor, state: Tensor, base_weight: Tensor, spline_weight: Tensor,
                           spline_scaler: Tensor, basis: str, option: int, activation: str, stride: list[int],
                           dilation: list[int], groups: int,
@@ -355,7 +364,7 @@ def _forward_factored_fake(x, state, base_weight, spline_weight, spline_scaler, 
 @kan_backward_factored.register_fake
 def _backward_factored_fake(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option,
                             activation, stride, dilation, groups, output_mask):
-    grads = [x.new_empty(x.shape) if output_mask[0] else x.new_empty(0)]
+    grads = [torch.empty_like(x) if output_mask[0] else x.new_empty(0)]
     for w, need in zip((base_weight, spline_weight, spline_scaler), output_mask[1:]):
         grads.append(torch.empty_like(w) if need else w.new_empty(0))
     return tuple(grads)

@@ -129,8 +129,9 @@ class _PackedKey:
     weights from a new layer's allocated at the same addresses with the same number of in-place
     initialisations: its packed weight would be taken for the new layer's.)"""
 
-    def __init__(self, conv, weights: tuple[Tensor, ...], buffer: Tensor):
-        self.fields = (conv.packed_shape(), conv.groups, conv.K, buffer.data_ptr()) + tuple(
+    def __init__(self, conv, weights: tuple[Tensor, ...], buffer: Tensor | None):
+        self.fields = (conv.packed_shape(), conv.groups, conv.K, conv.kernel_kind,
+                       None if buffer is None else buffer.data_ptr()) + tuple(
             (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype) for w in weights)
         self.refs = tuple(weakref.ref(w) for w in weights)
 
@@ -139,9 +140,10 @@ class _PackedKey:
             a() is not None and a() is b() for a, b in zip(self.refs, other.refs))
 
 
-def _packed_key(conv, weight, buffer: Tensor) -> _PackedKey | None:
+def _packed_key(conv, weight, buffer: Tensor | None) -> _PackedKey | None:
     """The :class:`_PackedKey` of packing ``weight`` (one tensor or the three weights) into
-    ``buffer``; ``None`` where a weight has no version counter (an inference tensor)."""
+    ``buffer`` (``None``: the narrow kernels' tables); ``None`` where a weight has no version
+    counter (an inference tensor)."""
     try:
         return _PackedKey(conv, weight if isinstance(weight, tuple) else (weight,), buffer)
     except RuntimeError:
@@ -149,24 +151,57 @@ def _packed_key(conv, weight, buffer: Tensor) -> _PackedKey | None:
 
 
 def _prepare_packed(conv, weight, forward: bool, derivative: bool):
-    """``conv.prepare`` into the kept ``"packed"`` buffer, skipped on the wide kernels where that
-    buffer already holds these weights packed: the backward right after its forward (the last layer's
-    backward in a network, or a lone layer's) reuses the forward's packing instead of packing again."""
+    """``conv.prepare``: the forward always packs (into the kept ``"packed"`` buffer on the wide
+    kernels) and records what it packed; the backward reuses the forward's packing where the record
+    still matches these weights (the backward right after its forward: a lone layer's, or the last
+    layer's in a network on the wide kernels; every layer's on the narrow kernels, whose small tables
+    are kept for several weights), and packs again otherwise.
+
+    Only the backward reuses: an in-place change through ``.data`` does not move a tensor's version
+    counter, so between two forwards it would go unseen (``p.data.mul_(2)`` before the next forward
+    must change its output). Between a forward and its backward such a change is not seen either:
+    the backward then differentiates the weights the forward used."""
     from .kan import _workspace_contents
 
     scratch = _scratch(conv, weight, "packed")
     if scratch is None:
-        return conv.prepare(weight, forward=forward, derivative=derivative)
+        return _narrow_tables(conv, weight, forward)
     key = _packed_key(conv, weight, scratch)
     contents = _workspace_contents()
     held = contents.get("packed")
-    if key is not None and held is not None and key.matches(held):
+    if not forward and key is not None and held is not None and key.matches(held):
         return scratch
     contents.pop("packed", None)
     prepared = conv.prepare(weight, forward=forward, derivative=derivative, out=scratch)
     if key is not None:
         contents["packed"] = key
     return prepared
+
+
+# The narrow kernels' tables kept for the last few weights (small: the narrow layers have few outputs).
+NARROW_TABLES_KEPT = 8
+
+
+def _narrow_tables(conv, weight, forward: bool):
+    """The narrow kernels' tables of ``weight`` (both the power form and the derivative): built by
+    the forward and kept (this thread's ``"narrow"`` record, newest first, at most
+    :data:`NARROW_TABLES_KEPT`), found by the backward (see :func:`_prepare_packed`)."""
+    from .kan import _workspace_contents
+
+    key = _packed_key(conv, weight, None)
+    kept = _workspace_contents().setdefault("narrow", [])
+    if key is not None:
+        for i, (held, tables) in enumerate(kept):
+            if key.matches(held):
+                if not forward:
+                    return tables
+                del kept[i]
+                break
+    tables = conv.prepare(weight, forward=True, derivative=True)
+    if key is not None:
+        kept.insert(0, (key, tables))
+        del kept[NARROW_TABLES_KEPT:]
+    return tables
 
 
 def _forward(x, state, weight, weight_shape, option, stride, dilation, groups, channels_last) -> Tensor:
@@ -226,8 +261,11 @@ def _backward(conv, grad_out, x, weight, need_x, need_w, unpack: bool):
 
 
 def _grad_x(gx, x, need_x: bool) -> Tensor:
-    """The kernels' input gradient ``(N, C, *S)`` (channel-first, flat spatial) shaped like ``x``."""
-    return gx.movedim(1, -1).reshape(x.shape).contiguous() if need_x else x.new_empty(0)
+    """The kernels' input gradient ``(N, C, *S)`` (channel-first, flat spatial) shaped like ``x``
+    (with ``x``'s strides: no copy for a layer's channel-first input)."""
+    from .kan import _grad_input_like
+
+    return _grad_input_like(gx.movedim(1, -1).reshape(x.shape), x) if need_x else x.new_empty(0)
 
 
 def backward(grad_out, x, state, weight, basis, option, activation, stride, dilation, groups,
