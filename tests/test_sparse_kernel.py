@@ -579,6 +579,18 @@ def test_kept_buffers_shared_by_layers_and_calls(sparse_calls):
     assert not _workspace.buffers
 
 
+def _assert_grads_are_the_dense_paths(a, b, x):
+    """The gradients that b(a(x)).sum().backward() left are those of the dense path (which then runs
+    once, mode "never", and leaves its own)."""
+    tensors = (*a.parameters(), *b.parameters(), x)
+    got = [p.grad.clone() for p in tensors]
+    for p in tensors:
+        p.grad = None
+    S.set_mode("never")
+    b(a(x)).sum().backward()
+    assert all(_rel(g, p.grad) < 1e-9 for g, p in zip(got, tensors))
+
+
 def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     """The wide kernels' backward right after its forward finds the forward's packed weight in the
     kept buffer and does not pack again; another layer's packing in between, or an in-place change
@@ -607,13 +619,7 @@ def test_backward_reuses_the_forwards_packing(sparse_calls, monkeypatch):
     b(a(x)).sum().backward()
     # the two forwards pack, b's backward reuses b's packing, a's packs again
     assert len(packs) == 3
-    got = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), x)]
-    for p in (*a.parameters(), *b.parameters(), x):
-        p.grad = None
-    S.set_mode("never")
-    b(a(x)).sum().backward()
-    want = [p.grad for p in (*a.parameters(), *b.parameters(), x)]
-    assert all(_rel(g, w) < 1e-9 for g, w in zip(got, want))
+    _assert_grads_are_the_dense_paths(a, b, x)
     S.set_mode("always")
     packs.clear()
     y0 = a(x)  # a forward always packs
@@ -649,13 +655,7 @@ def test_narrow_backward_reuses_each_layers_tables(sparse_calls, monkeypatch):
     S.set_mode("always")
     b(a(x)).sum().backward()
     assert len(built) == 2  # the two forwards'; both backwards found them
-    got = [p.grad.clone() for p in (*a.parameters(), *b.parameters(), x)]
-    for p in (*a.parameters(), *b.parameters(), x):
-        p.grad = None
-    S.set_mode("never")
-    b(a(x)).sum().backward()
-    want = [p.grad for p in (*a.parameters(), *b.parameters(), x)]
-    assert all(_rel(g, w) < 1e-9 for g, w in zip(got, want))
+    _assert_grads_are_the_dense_paths(a, b, x)
     S.set_mode("always")
     with torch.no_grad():
         y0 = a(x)
