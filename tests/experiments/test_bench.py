@@ -59,3 +59,32 @@ def test_bases_benchmark_covers_every_family_at_matched_size(capsys):
     _print_report({"environment": {"device": "cpu", "threads": 1, "torch": torch.__version__}, "bases": report,
                    "checks": {}})
     assert "| wavelet | 9,935 |" in capsys.readouterr().out
+
+
+def test_sparse_benchmark_times_both_paths_and_checks_them_against_the_targets(capsys):
+    from kanvolution.ops import sparse
+
+    report = bench.sparse_benchmark(repeats=1, memory=False, layers=[("4->4", 4, (1, 4, 6, 6))], grid_sizes=(10, 50))
+    rows = report["rows"]
+    assert list(rows) == ["4->4 gs=10", "4->4 gs=50"]
+    for row in rows.values():
+        assert set(row["ms"]) == {"nn.Conv2d", "auto", "dense"} and all(v > 0 for v in row["ms"].values())
+        assert row["auto_vs_conv"] == row["ms"]["auto"] / row["ms"]["nn.Conv2d"]
+        assert "peak_mib" not in row
+    assert sparse._override is None  # the timed steps put the mode back
+    # the checks: the grid size's target, and auto's peak memory against the dense path's
+    rows["4->4 gs=10"]["auto_vs_conv"] = bench.SPARSE_TARGETS[10] + 0.1
+    rows["4->4 gs=50"]["auto_vs_conv"] = bench.SPARSE_TARGETS[50] - 0.1
+    rows["4->4 gs=50"]["peak_mib"] = {"auto": 30.0, "dense": 60.0}
+    checks = bench._checks({"sparse": report})
+    assert checks["4->4 gs=10 auto_vs_conv"][2] is False and checks["4->4 gs=50 auto_vs_conv"][2] is True
+    assert checks["4->4 gs=50 memory_vs_dense"] == (0.5, 1.0, True) and "4->4 gs=10 memory_vs_dense" not in checks
+    bench._print_report({"environment": {"device": "cpu", "threads": 1, "torch": torch.__version__},
+                         "sparse": report, "checks": checks})
+    out = capsys.readouterr().out
+    assert "| 4->4 | (1, 4, 6, 6) | 50 |" in out and "30.0 / 60.0" in out and "MISSED" in out
+
+
+def test_kanc_grid_size_ratio_is_checked():
+    report = {"train_step": {"ratios": {"kanc20_vs_kanc10": bench.TARGETS["kanc20_vs_kanc10"] + 0.01}}}
+    assert bench._checks(report)["kanc20_vs_kanc10"][2] is False

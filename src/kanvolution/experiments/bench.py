@@ -24,7 +24,7 @@ from torch import nn
 from ..ops import build
 
 __all__ = ["add_arguments", "run", "time_interleaved", "make_train_step", "train_step_benchmark", "compile_benchmark",
-           "layer_benchmark", "layer_peak_memory", "epoch_benchmark", "bases_benchmark"]
+           "layer_benchmark", "layer_peak_memory", "epoch_benchmark", "bases_benchmark", "sparse_benchmark"]
 
 STEP_MODELS = [  # (label, registry name, grid size, implementation)
     ("KANC MLP (Medium) gs=10", "kanc_mlp_medium", 10, "fused"),
@@ -34,12 +34,18 @@ STEP_MODELS = [  # (label, registry name, grid size, implementation)
     ("KANC MLP (Medium) gs=10, reference loop", "kanc_mlp_medium", 10, "reference"),
 ]
 TARGETS = {  # the speed and memory goals, checked and printed beside the measured ratios
-    "kanc10_vs_cnn": 3.0,
+    "kanc10_vs_cnn": 2.5,
     "kanc20_vs_cnn": 4.0,
+    "kanc20_vs_kanc10": 1.15,
     "reference_vs_kanc10": 250.0,
     "memory_vs_naive": 1 / 3,
     "epoch_seconds": 15.0,
 }
+# The wide layers of the sparse benchmark, (label, channels, input shape), and the targets of their
+# forward + backward against nn.Conv2d of the same shape, per grid size; the peak memory of each on
+# the path that runs (``auto``) must stay at most that of the dense fused path (``never``).
+SPARSE_LAYERS = [("64->64", 64, (16, 64, 32, 32)), ("128->128", 128, (16, 128, 16, 16))]
+SPARSE_TARGETS = {10: 8.0, 20: 9.0, 50: 10.0}
 
 
 def _sync(device: torch.device) -> None:
@@ -107,6 +113,7 @@ def train_step_benchmark(batch: int = 128, repeats: int = 20, reference_repeats:
     ratios = {
         "kanc10_vs_cnn": med["KANC MLP (Medium) gs=10"] / cnn,
         "kanc20_vs_cnn": med["KANC MLP (Medium) gs=20"] / cnn,
+        "kanc20_vs_kanc10": med["KANC MLP (Medium) gs=20"] / med["KANC MLP (Medium) gs=10"],
     }
     ref = STEP_MODELS[-1][0]
     if ref in med:
@@ -189,12 +196,13 @@ from torch import nn
 from kanvolution import KANConv2d
 impl, device = sys.argv[1], torch.device(sys.argv[2])
 options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {"grid_size": 10}
+shape = json.loads(sys.argv[4]) if len(sys.argv) > 4 else [16, 64, 32, 32]
 torch.manual_seed(0)
 if impl == "conv":
-    layer = nn.Conv2d(64, 64, 3, padding=1).to(device)
+    layer = nn.Conv2d(shape[1], shape[1], 3, padding=1).to(device)
 else:
-    layer = KANConv2d(64, 64, 3, padding=1, implementation=impl, **options).to(device)
-x = torch.randn(16, 64, 32, 32, device=device, requires_grad=True)
+    layer = KANConv2d(shape[1], shape[1], 3, padding=1, implementation=impl, **options).to(device)
+x = torch.randn(*shape, device=device, requires_grad=True)
 def step():
     layer(x).sum().backward()
     layer.zero_grad(set_to_none=True); x.grad = None
@@ -212,10 +220,17 @@ print(json.dumps({"peak_bytes": peak}))
 """
 
 
-def _peak_bytes(impl: str, device: torch.device, options: dict | None = None) -> int:
-    """Peak extra memory of one forward+backward of the 64->64 layer in a fresh process."""
+def _peak_bytes(impl: str, device: torch.device, options: dict | None = None,
+                shape: tuple[int, int, int, int] | None = None, sparse_mode: str | None = None) -> int:
+    """Peak extra memory of one forward+backward of a C -> C 3x3 layer (default: 64->64 on
+    ``(16, 64, 32, 32)``, grid size 10) in a fresh process; ``sparse_mode`` sets its
+    ``KANVOLUTION_SPARSE``."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    argv = [sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)] + ([json.dumps(options)] if options else [])
+    if sparse_mode:
+        env["KANVOLUTION_SPARSE"] = sparse_mode
+    extra = [json.dumps(options or {"grid_size": 10}), json.dumps(list(shape))] if shape else (
+        [json.dumps(options)] if options else [])
+    argv = [sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)] + extra
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -290,6 +305,55 @@ def bases_benchmark(batch: int = 128, repeats: int = 10, layer_repeats: int = 5,
     return {"batch": batch, "cnn_step_ms": cnn * 1e3, "cnn_params": params["CNN (Medium)"], "families": rows}
 
 
+def _forward_backward(layer: nn.Module, x: torch.Tensor, sparse_mode: str | None = None) -> Callable[[], None]:
+    """One forward + backward of ``layer`` on ``x`` under ``sparse_mode`` (``kanvolution.ops.sparse``)."""
+    from ..ops import sparse
+
+    def fn() -> None:
+        sparse.set_mode(sparse_mode)
+        try:
+            layer(x).sum().backward()
+        finally:
+            sparse.set_mode(None)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return fn
+
+
+def sparse_benchmark(repeats: int = 7, device: torch.device | None = None, memory: bool = True,
+                     layers: list[tuple[str, int, tuple[int, int, int, int]]] | None = None,
+                     grid_sizes: tuple[int, ...] = tuple(SPARSE_TARGETS)) -> dict:
+    """Forward + backward of the wide layers ``KANConv2d(C, C, 3, padding=1)`` of
+    :data:`SPARSE_LAYERS` at each grid size against ``nn.Conv2d(C, C, 3, padding=1)`` on the same
+    input (interleaved, per layer and grid size), on the path the rule picks (``auto``: the sparse
+    kernels on CPU) and on the dense fused path (``never``); and, with ``memory``, the peak memory of
+    one forward + backward of each path in a fresh process.
+    """
+    from ..layers import KANConv2d
+
+    device = device or torch.device("cpu")
+    rows = {}
+    for label, c, shape in layers or SPARSE_LAYERS:
+        torch.manual_seed(0)
+        x = (torch.rand(shape, device=device) * 2 - 1).requires_grad_()
+        conv = nn.Conv2d(c, c, 3, padding=1).to(device)
+        for gs in grid_sizes:
+            kan = KANConv2d(c, c, 3, padding=1, grid_size=gs).to(device)
+            fns = {"nn.Conv2d": _forward_backward(conv, x), "auto": _forward_backward(kan, x, "auto"),
+                   "dense": _forward_backward(kan, x, "never")}
+            med = {k: statistics.median(v) for k, v in time_interleaved(fns, repeats, device).items()}
+            row = {"layer": label, "input": list(shape), "grid_size": gs,
+                   "ms": {k: v * 1e3 for k, v in med.items()},
+                   "auto_vs_conv": med["auto"] / med["nn.Conv2d"], "dense_vs_conv": med["dense"] / med["nn.Conv2d"]}
+            if memory and (device.type == "cuda" or Path("/proc/self/clear_refs").exists()):
+                peaks = {mode: _peak_bytes("fused", device, {"grid_size": gs}, shape, mode) / 2**20
+                         for mode in ("auto", "never")}
+                row["peak_mib"] = {"auto": peaks["auto"], "dense": peaks["never"]}
+            rows[f"{label} gs={gs}"] = row
+    return {"rows": rows}
+
+
 def epoch_benchmark(data_dir: str | None, model: str = "kanc_mlp_medium", grid_size: int | None = 10,
                     device: str = "cpu") -> dict:
     """One epoch (60k training images + the 10k test pass, batch 128, AdamW 1e-3) through the trainer."""
@@ -355,6 +419,16 @@ def _print_report(report: dict) -> None:
                         else "- | -")
             print(f"| {name} | {r['params']:,} | {r['step_ms']:.2f} | {r['step_vs_cnn']:.2f} | {r['layer_ms']:.1f} | "
                   f"{r['layer_vs_bspline']:.2f} | {portable} | {mib} |")
+    if "sparse" in report:
+        print("\nKANConv2d(C, C, 3, padding=1) forward+backward against nn.Conv2d of the same shape, median; the path"
+              " the rule picks (auto) and the dense fused path")
+        print("| layer | input | gs | nn.Conv2d ms | auto ms | x conv | dense ms | x conv | peak MiB auto / dense |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in report["sparse"]["rows"].values():
+            mib = f"{r['peak_mib']['auto']:.1f} / {r['peak_mib']['dense']:.1f}" if "peak_mib" in r else "-"
+            print(f"| {r['layer']} | {tuple(r['input'])} | {r['grid_size']} | {r['ms']['nn.Conv2d']:.2f} |"
+                  f" {r['ms']['auto']:.2f} | {r['auto_vs_conv']:.2f} | {r['ms']['dense']:.2f} |"
+                  f" {r['dense_vs_conv']:.2f} | {mib} |")
     if "epoch" in report:
         s = report["epoch"]
         print(f"\nFashion-MNIST epoch through the trainer ({s['model']}, gs={s['grid_size']}): "
@@ -369,7 +443,7 @@ def _print_report(report: dict) -> None:
 def _checks(report: dict) -> dict:
     checks = {}
     ratios = report.get("train_step", {}).get("ratios", {})
-    for key in ("kanc10_vs_cnn", "kanc20_vs_cnn"):
+    for key in ("kanc10_vs_cnn", "kanc20_vs_cnn", "kanc20_vs_kanc10"):
         if key in ratios:
             checks[key] = (ratios[key], TARGETS[key], ratios[key] <= TARGETS[key])
     if "reference_vs_kanc10" in ratios:
@@ -379,6 +453,13 @@ def _checks(report: dict) -> dict:
     if "fused_vs_naive" in mem:
         v = mem["fused_vs_naive"]
         checks["memory_vs_naive"] = (v, TARGETS["memory_vs_naive"], v <= TARGETS["memory_vs_naive"])
+    for key, row in report.get("sparse", {}).get("rows", {}).items():
+        target = SPARSE_TARGETS.get(row["grid_size"])
+        if target is not None:
+            checks[f"{key} auto_vs_conv"] = (row["auto_vs_conv"], target, row["auto_vs_conv"] <= target)
+        if "peak_mib" in row:
+            v = row["peak_mib"]["auto"] / row["peak_mib"]["dense"]
+            checks[f"{key} memory_vs_dense"] = (v, 1.0, v <= 1.0)
     if "epoch" in report:
         v = report["epoch"]["seconds"]
         checks["epoch_seconds"] = (v, TARGETS["epoch_seconds"], v <= TARGETS["epoch_seconds"])
@@ -386,8 +467,8 @@ def _checks(report: dict) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", nargs="+", choices=("step", "compile", "layer", "memory", "epoch", "bases"),
-                        default=["step", "compile", "layer", "memory", "epoch"],
+    parser.add_argument("--only", nargs="+", choices=("step", "compile", "layer", "memory", "sparse", "epoch", "bases"),
+                        default=["step", "compile", "layer", "memory", "sparse", "epoch"],
                         help="which benchmarks to run (bases: every basis family, run only when named)")
     parser.add_argument("--data-dir", default=None, help="folder with fashion-mnist/ (for the epoch benchmark)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved rounds of the step benchmark")
@@ -412,6 +493,8 @@ def run(args: argparse.Namespace) -> int:
         report["layer"] = layer_benchmark(device=device)
     if "memory" in args.only:
         report["memory"] = layer_peak_memory(device)
+    if "sparse" in args.only:
+        report["sparse"] = sparse_benchmark(device=device)
     if "epoch" in args.only:
         report["epoch"] = epoch_benchmark(args.data_dir, device=args.device)
     if "bases" in args.only:
