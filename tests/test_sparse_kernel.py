@@ -777,6 +777,45 @@ def test_rule(sparse_calls):
     assert sparse_calls == {"forward": 0, "backward": 0}
 
 
+def test_rule_for_dense_layers(sparse_calls):
+    """KANLinear: the wide-width layers from grid size 10; the narrow-width ones on the narrow
+    kernels from DENSE_NARROW_MIN_BATCH values per channel and grid size 10, on the wide kernels
+    below that batch, and then from grid size 20."""
+    small, large = torch.rand(S.DENSE_NARROW_MIN_BATCH - 1, 8), torch.rand(S.DENSE_NARROW_MIN_BATCH, 8)
+    assert _decision(KANLinear(8, 64, grid_size=10), small)
+    assert not _decision(KANLinear(8, 64, grid_size=9), large)
+    assert _decision(KANLinear(8, 10, grid_size=10), large)
+    assert not _decision(KANLinear(8, 10, grid_size=9), large)
+    assert not _decision(KANLinear(8, 10, grid_size=19), small)
+    assert _decision(KANLinear(8, 10, grid_size=20), small)
+    assert _decision(KANLinear(8, 10, grid_size=5), small, "always")
+    layer = KANLinear(8, 10, grid_size=20)
+    weight = KF.combine_weights(layer.base_weight, layer.spline_weight, layer.spline_scaler)
+    kinds = {n: S._conv(torch.rand(n, 8), layer.grid, weight.shape, 3, (), (), 1).kernel_kind
+             for n in (1, S.DENSE_NARROW_MIN_BATCH - 1, S.DENSE_NARROW_MIN_BATCH)}
+    assert kinds == {1: "wide", S.DENSE_NARROW_MIN_BATCH - 1: "wide", S.DENSE_NARROW_MIN_BATCH: "narrow"}
+
+
+@pytest.mark.parametrize("batch", [1, 37, S.DENSE_NARROW_MIN_BATCH], ids=["one", "wide", "narrow"])
+@pytest.mark.parametrize("c_out", [6, 40])
+def test_dense_layer_on_both_kernels_matches_the_dense_path(sparse_calls, batch, c_out):
+    """A dense layer runs as a kernel-1 convolution over its batch (both kernel kinds, by batch and
+    width): outputs and all gradients are the dense path's (float64)."""
+    torch.manual_seed(0)
+    layer = KANLinear(7, c_out, grid_size=11, bias=True, dtype=F64)
+    x = (torch.rand(batch, 7, dtype=F64) * 2.6 - 1.3).requires_grad_()
+    results = {}
+    for mode in ("always", "never"):
+        S.set_mode(mode)
+        out = layer(x)
+        g = torch.linspace(-1, 1, out.numel(), dtype=F64).view_as(out)
+        results[mode] = (out, *torch.autograd.grad(out, (x, *layer.parameters()), g))
+    assert sparse_calls == {"forward": 1, "backward": 1}
+    for got, want in zip(results["always"], results["never"]):
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert _rel(got, want) < 1e-12
+
+
 def test_mode_switches(monkeypatch):
     monkeypatch.delenv(S.ENV_VAR, raising=False)
     assert S.mode() == "auto"

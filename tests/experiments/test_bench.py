@@ -4,6 +4,9 @@ The benchmarks themselves take minutes; `make bench` runs them (results in bench
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 from kanvolution.experiments import bench
@@ -64,25 +67,41 @@ def test_bases_benchmark_covers_every_family_at_matched_size(capsys):
 def test_sparse_benchmark_times_both_paths_and_checks_them_against_the_targets(capsys):
     from kanvolution.ops import sparse
 
-    report = bench.sparse_benchmark(repeats=1, memory=False, layers=[("4->4", 4, (1, 4, 6, 6))], grid_sizes=(10, 50))
+    report = bench.sparse_benchmark(repeats=1, memory=False, layers=[("4->4", 4, (1, 4, 6, 6))],
+                                    linear_layers=[("lin 3->5", 3, 5, 8)], grid_sizes=(10, 50))
     rows = report["rows"]
-    assert list(rows) == ["4->4 gs=10", "4->4 gs=50"]
+    assert list(rows) == ["4->4 gs=10", "4->4 gs=50", "lin 3->5 gs=10", "lin 3->5 gs=50"]
     for row in rows.values():
-        assert set(row["ms"]) == {"nn.Conv2d", "auto", "dense"} and all(v > 0 for v in row["ms"].values())
-        assert row["auto_vs_conv"] == row["ms"]["auto"] / row["ms"]["nn.Conv2d"]
+        baseline = "nn.Linear" if row["layer"].startswith("lin") else "nn.Conv2d"
+        assert row["baseline"] == baseline
+        assert set(row["ms"]) == {baseline, "auto", "dense"} and all(v > 0 for v in row["ms"].values())
+        assert row["auto_vs_baseline"] == row["ms"]["auto"] / row["ms"][baseline]
         assert "peak_mib" not in row
     assert sparse._override is None  # the timed steps put the mode back
-    # the checks: the grid size's target, and auto's peak memory against the dense path's
-    rows["4->4 gs=10"]["auto_vs_conv"] = bench.SPARSE_TARGETS[10] + 0.1
-    rows["4->4 gs=50"]["auto_vs_conv"] = bench.SPARSE_TARGETS[50] - 0.1
+    # the checks: the grid size's target (convolutions only), and auto's peak memory against the dense path's
+    rows["4->4 gs=10"]["auto_vs_baseline"] = bench.SPARSE_TARGETS[10] + 0.1
+    rows["4->4 gs=50"]["auto_vs_baseline"] = bench.SPARSE_TARGETS[50] - 0.1
     rows["4->4 gs=50"]["peak_mib"] = {"auto": 30.0, "dense": 60.0}
     checks = bench._checks({"sparse": report})
     assert checks["4->4 gs=10 auto_vs_conv"][2] is False and checks["4->4 gs=50 auto_vs_conv"][2] is True
     assert checks["4->4 gs=50 memory_vs_dense"] == (0.5, 1.0, True) and "4->4 gs=10 memory_vs_dense" not in checks
+    assert not any(key.startswith("lin") for key in checks)
     bench._print_report({"environment": {"device": "cpu", "threads": 1, "torch": torch.__version__},
                          "sparse": report, "checks": checks})
     out = capsys.readouterr().out
-    assert "| 4->4 | (1, 4, 6, 6) | 50 |" in out and "30.0 / 60.0" in out and "MISSED" in out
+    assert "| 4->4 | (1, 4, 6, 6) | 50 | nn.Conv2d |" in out and "| lin 3->5 | (8, 3) | 10 | nn.Linear |" in out
+    assert "30.0 / 60.0" in out and "MISSED" in out
+
+
+def test_peak_memory_of_a_dense_layer_on_both_paths():
+    """The fresh-process peak of a KANLinear forward + backward: positive, and the dense path's
+    expansion (batch x in x (G + K) floats, 28 MiB here) shows in its figure."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory on CPU needs Linux /proc")
+    cpu = torch.device("cpu")
+    dense = bench._peak_bytes("fused", cpu, {"grid_size": 50}, (2048, 64), "never", 8)
+    sparse = bench._peak_bytes("fused", cpu, {"grid_size": 50}, (2048, 64), "always", 8)
+    assert dense > 20 * 2**20 and 0 < sparse < dense
 
 
 def test_kanc_grid_size_ratio_is_checked():

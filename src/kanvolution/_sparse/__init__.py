@@ -313,7 +313,10 @@ class _Conv:
         scaler = spline_scaler.contiguous()
         o, cg = scaler.shape[:2]
         grads = [torch.empty_like(t) if n else spline.new_empty(0) for t, n in zip((scaler, spline, scaler), need)]
-        views = [g.view(o, cg, self.taps, *g.shape[2 + (self.ndim):]) if g.numel() else g for g in grads]
+        # (O, C/groups, *kernel[, n]) -> (O, C/groups, taps[, n]); the kernel may be (1,) for a dense layer's
+        # (O, C/groups[, n]) weights run as a kernel-1 convolution (ops.sparse._conv).
+        views = [(g.view(o, cg, self.taps, -1) if i == 1 else g.view(o, cg, self.taps)) if g.numel() else g
+                 for i, g in enumerate(grads)]
         weights = (spline.view(o, cg, self.taps, spline.shape[-1]), scaler.view(o, cg, self.taps))
         return tuple(g if n else None for g, n in zip(grads, need)), weights, views
 

@@ -46,6 +46,8 @@ TARGETS = {  # the speed and memory goals, checked and printed beside the measur
 # the path that runs (``auto``) must stay at most that of the dense fused path (``never``).
 SPARSE_LAYERS = [("64->64", 64, (16, 64, 32, 32)), ("128->128", 128, (16, 128, 16, 16))]
 SPARSE_TARGETS = {10: 8.0, 20: 9.0, 50: 10.0}
+# Dense layers of the sparse benchmark, (label, in, out, batch), against nn.Linear (no target).
+SPARSE_LINEAR_LAYERS = [("KANLinear 512->512", 512, 512, 1024), ("KANLinear 784->64", 784, 64, 1024)]
 
 
 def _sync(device: torch.device) -> None:
@@ -193,15 +195,19 @@ def layer_benchmark(repeats: int = 10, device: torch.device | None = None) -> di
 _MEMORY_SCRIPT = r"""
 import json, re, sys, torch
 from torch import nn
-from kanvolution import KANConv2d
+from kanvolution import KANConv2d, KANLinear
 impl, device = sys.argv[1], torch.device(sys.argv[2])
 options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {"grid_size": 10}
 shape = json.loads(sys.argv[4]) if len(sys.argv) > 4 else [16, 64, 32, 32]
+out = int(sys.argv[5]) if len(sys.argv) > 5 else shape[1]
 torch.manual_seed(0)
-if impl == "conv":
-    layer = nn.Conv2d(shape[1], shape[1], 3, padding=1).to(device)
+if len(shape) == 2:  # a dense layer (N, C) -> (N, out)
+    layer = nn.Linear(shape[1], out) if impl == "conv" else KANLinear(shape[1], out, implementation=impl, **options)
+elif impl == "conv":
+    layer = nn.Conv2d(shape[1], out, 3, padding=1)
 else:
-    layer = KANConv2d(shape[1], shape[1], 3, padding=1, implementation=impl, **options).to(device)
+    layer = KANConv2d(shape[1], out, 3, padding=1, implementation=impl, **options)
+layer = layer.to(device)
 x = torch.randn(*shape, device=device, requires_grad=True)
 def step():
     layer(x).sum().backward()
@@ -221,15 +227,18 @@ print(json.dumps({"peak_bytes": peak}))
 
 
 def _peak_bytes(impl: str, device: torch.device, options: dict | None = None,
-                shape: tuple[int, int, int, int] | None = None, sparse_mode: str | None = None) -> int:
-    """Peak extra memory of one forward+backward of a C -> C 3x3 layer (default: 64->64 on
-    ``(16, 64, 32, 32)``, grid size 10) in a fresh process; ``sparse_mode`` sets its
-    ``KANVOLUTION_SPARSE``."""
+                shape: tuple[int, ...] | None = None, sparse_mode: str | None = None, out: int | None = None) -> int:
+    """Peak extra memory of one forward+backward in a fresh process of a 3x3 layer with padding 1 on
+    ``shape`` ``(N, C, H, W)`` (default: 64->64 on ``(16, 64, 32, 32)``, grid size 10), or of a dense
+    layer on ``shape`` ``(N, C)``, ``C -> out`` (default ``C``); ``impl`` ``"conv"``: ``nn.Conv2d`` /
+    ``nn.Linear``; ``sparse_mode`` sets the process's ``KANVOLUTION_SPARSE``."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     if sparse_mode:
         env["KANVOLUTION_SPARSE"] = sparse_mode
     extra = [json.dumps(options or {"grid_size": 10}), json.dumps(list(shape))] if shape else (
         [json.dumps(options)] if options else [])
+    if out is not None:
+        extra.append(str(out))
     argv = [sys.executable, "-c", _MEMORY_SCRIPT, impl, str(device)] + extra
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -323,31 +332,38 @@ def _forward_backward(layer: nn.Module, x: torch.Tensor, sparse_mode: str | None
 
 def sparse_benchmark(repeats: int = 7, device: torch.device | None = None, memory: bool = True,
                      layers: list[tuple[str, int, tuple[int, int, int, int]]] | None = None,
+                     linear_layers: list[tuple[str, int, int, int]] | None = None,
                      grid_sizes: tuple[int, ...] = tuple(SPARSE_TARGETS)) -> dict:
-    """Forward + backward of the wide layers ``KANConv2d(C, C, 3, padding=1)`` of
-    :data:`SPARSE_LAYERS` at each grid size against ``nn.Conv2d(C, C, 3, padding=1)`` on the same
-    input (interleaved, per layer and grid size), on the path the rule picks (``auto``: the sparse
-    kernels on CPU) and on the dense fused path (``never``); and, with ``memory``, the peak memory of
-    one forward + backward of each path in a fresh process.
+    """Forward + backward of the wide layers ``KANConv2d(C, C, 3, padding=1)`` of ``layers``
+    (:data:`SPARSE_LAYERS`) against ``nn.Conv2d(C, C, 3, padding=1)`` on the same input, and of the
+    dense layers ``KANLinear(C, O)`` of ``linear_layers`` (:data:`SPARSE_LINEAR_LAYERS`) against
+    ``nn.Linear(C, O)``, interleaved per layer and grid size, on the path the rule picks (``auto``:
+    the sparse kernels on CPU) and on the dense fused path (``never``); and, with ``memory``, the
+    peak memory of one forward + backward of each path in a fresh process.
     """
-    from ..layers import KANConv2d
+    from ..layers import KANConv2d, KANLinear
 
     device = device or torch.device("cpu")
+    cases = [(label, shape, c, "nn.Conv2d", lambda c, o: nn.Conv2d(c, o, 3, padding=1),
+              lambda c, o, gs: KANConv2d(c, o, 3, padding=1, grid_size=gs))
+             for label, c, shape in (SPARSE_LAYERS if layers is None else layers)]
+    cases += [(label, (n, c), o, "nn.Linear", nn.Linear, lambda c, o, gs: KANLinear(c, o, grid_size=gs))
+              for label, c, o, n in (SPARSE_LINEAR_LAYERS if linear_layers is None else linear_layers)]
     rows = {}
-    for label, c, shape in layers or SPARSE_LAYERS:
+    for label, shape, out, baseline, make_baseline, make_kan in cases:
         torch.manual_seed(0)
         x = (torch.rand(shape, device=device) * 2 - 1).requires_grad_()
-        conv = nn.Conv2d(c, c, 3, padding=1).to(device)
+        plain = make_baseline(shape[1], out).to(device)
         for gs in grid_sizes:
-            kan = KANConv2d(c, c, 3, padding=1, grid_size=gs).to(device)
-            fns = {"nn.Conv2d": _forward_backward(conv, x), "auto": _forward_backward(kan, x, "auto"),
+            kan = make_kan(shape[1], out, gs).to(device)
+            fns = {baseline: _forward_backward(plain, x), "auto": _forward_backward(kan, x, "auto"),
                    "dense": _forward_backward(kan, x, "never")}
             med = {k: statistics.median(v) for k, v in time_interleaved(fns, repeats, device).items()}
-            row = {"layer": label, "input": list(shape), "grid_size": gs,
+            row = {"layer": label, "input": list(shape), "grid_size": gs, "baseline": baseline,
                    "ms": {k: v * 1e3 for k, v in med.items()},
-                   "auto_vs_conv": med["auto"] / med["nn.Conv2d"], "dense_vs_conv": med["dense"] / med["nn.Conv2d"]}
+                   "auto_vs_baseline": med["auto"] / med[baseline], "dense_vs_baseline": med["dense"] / med[baseline]}
             if memory and (device.type == "cuda" or Path("/proc/self/clear_refs").exists()):
-                peaks = {mode: _peak_bytes("fused", device, {"grid_size": gs}, shape, mode) / 2**20
+                peaks = {mode: _peak_bytes("fused", device, {"grid_size": gs}, shape, mode, out) / 2**20
                          for mode in ("auto", "never")}
                 row["peak_mib"] = {"auto": peaks["auto"], "dense": peaks["never"]}
             rows[f"{label} gs={gs}"] = row
@@ -420,15 +436,16 @@ def _print_report(report: dict) -> None:
             print(f"| {name} | {r['params']:,} | {r['step_ms']:.2f} | {r['step_vs_cnn']:.2f} | {r['layer_ms']:.1f} | "
                   f"{r['layer_vs_bspline']:.2f} | {portable} | {mib} |")
     if "sparse" in report:
-        print("\nKANConv2d(C, C, 3, padding=1) forward+backward against nn.Conv2d of the same shape, median; the path"
-              " the rule picks (auto) and the dense fused path")
-        print("| layer | input | gs | nn.Conv2d ms | auto ms | x conv | dense ms | x conv | peak MiB auto / dense |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print("\nKANConv2d(C, C, 3, padding=1) and KANLinear forward+backward against nn.Conv2d / nn.Linear of the"
+              " same shape, median; the path the rule picks (auto) and the dense fused path")
+        print("| layer | input | gs | baseline | ms | auto ms | x baseline | dense ms | x baseline |"
+              " peak MiB auto / dense |")
+        print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in report["sparse"]["rows"].values():
             mib = f"{r['peak_mib']['auto']:.1f} / {r['peak_mib']['dense']:.1f}" if "peak_mib" in r else "-"
-            print(f"| {r['layer']} | {tuple(r['input'])} | {r['grid_size']} | {r['ms']['nn.Conv2d']:.2f} |"
-                  f" {r['ms']['auto']:.2f} | {r['auto_vs_conv']:.2f} | {r['ms']['dense']:.2f} |"
-                  f" {r['dense_vs_conv']:.2f} | {mib} |")
+            print(f"| {r['layer']} | {tuple(r['input'])} | {r['grid_size']} | {r['baseline']} |"
+                  f" {r['ms'][r['baseline']]:.2f} | {r['ms']['auto']:.2f} | {r['auto_vs_baseline']:.2f} |"
+                  f" {r['ms']['dense']:.2f} | {r['dense_vs_baseline']:.2f} | {mib} |")
     if "epoch" in report:
         s = report["epoch"]
         print(f"\nFashion-MNIST epoch through the trainer ({s['model']}, gs={s['grid_size']}): "
@@ -454,9 +471,10 @@ def _checks(report: dict) -> dict:
         v = mem["fused_vs_naive"]
         checks["memory_vs_naive"] = (v, TARGETS["memory_vs_naive"], v <= TARGETS["memory_vs_naive"])
     for key, row in report.get("sparse", {}).get("rows", {}).items():
-        target = SPARSE_TARGETS.get(row["grid_size"])
+        target = SPARSE_TARGETS.get(row["grid_size"]) if row["baseline"] == "nn.Conv2d" else None
         if target is not None:
-            checks[f"{key} auto_vs_conv"] = (row["auto_vs_conv"], target, row["auto_vs_conv"] <= target)
+            v = row["auto_vs_baseline"]
+            checks[f"{key} auto_vs_conv"] = (v, target, v <= target)
         if "peak_mib" in row:
             v = row["peak_mib"]["auto"] / row["peak_mib"]["dense"]
             checks[f"{key} memory_vs_dense"] = (v, 1.0, v <= 1.0)

@@ -16,6 +16,12 @@ the mode decides:
   (32 in float32, 16 in float64), which run the narrow kernels (vectorised over the kernel taps
   and output channels of each input value), sparse when ``grid_size >= 7``; on wider layers, which
   run the wide kernels (vectorised over output channels), sparse when ``grid_size >= 10``;
+- dense layers (``KANLinear``: ``x`` of shape ``(N, C)``) run as a kernel-1 convolution over a
+  sequence of length ``N``; those of fewer outputs per group than above take the narrow kernels
+  only from ``N >= 2048`` values per channel (the wide ones below, in every mode: the narrow
+  kernels' per-weight tables cost more than they save on fewer values), and in ``"auto"`` go
+  sparse from ``grid_size >= 10`` on the narrow or wide-width layers' kernels, from
+  ``grid_size >= 20`` on the wide kernels standing in for the narrow ones;
 - ``"always"``: sparse wherever they apply;
 - ``"never"``: the dense path only.
 
@@ -55,6 +61,17 @@ MODES = ("auto", "always", "never")
 # from gs = 10 (64->64 at gs = 10: dense 15.0, wide 8.5).
 NARROW_MIN_GRID_SIZE = 7
 MIN_GRID_SIZE = 10
+# Dense layers (KANLinear), forward + backward over the dense path (1 thread, float32, 2-core AMD
+# EPYC; narrow / wide kernels):
+#   64->10: batch 128: gs 10 1.28 / 1.05, gs 20 1.72 / 1.04; 512: 1.11 / 1.35, 1.11 / 1.21;
+#           2048: 0.90 / 1.40, 0.54 / 0.83
+#   784->24: 128: 4.18 / 1.09, 4.30 / 0.89; 512: 1.16 / 1.08, 1.19 / 0.61; 2048: 0.82 / 1.30, 0.53 / 0.68
+#   256->16: 128: 1.97 / 0.99, 2.05 / 0.78; 512: 1.00 / 0.83, 0.86 / 0.57; 2048: 0.73 / 0.86, 0.51 / 0.60
+#   wider (wide kernels, 2 threads): 512->512 batch 1024 gs 5 / 10 / 20 / 50: 0.80 / 0.54 / 0.37 / 0.17;
+#   784->64: 0.98 / 0.71 / 0.41 / 0.19; 256->256 batch 4096: 0.92 / 0.61 / 0.40 / 0.19
+DENSE_NARROW_MIN_BATCH = 2048
+DENSE_MIN_GRID_SIZE = 10
+DENSE_STAND_IN_MIN_GRID_SIZE = 20
 
 _override: str | None = None
 
@@ -97,8 +114,13 @@ def use_sparse(x: Tensor, state: Tensor, weight: Tensor, basis: str, option: int
 
     if chosen == "auto":
         grid_size = state.shape[-1] - 2 * option - 1
-        narrow = _sparse.default_kernel(weight.shape[0] // groups, x.element_size()) == "narrow"
-        if grid_size < (NARROW_MIN_GRID_SIZE if narrow else MIN_GRID_SIZE):
+        width = _sparse.default_kernel(weight.shape[0] // groups, x.element_size())
+        if x.dim() == 2:  # a dense layer
+            stand_in = width == "narrow" and _kernel(x) == "wide"
+            least = DENSE_STAND_IN_MIN_GRID_SIZE if stand_in else DENSE_MIN_GRID_SIZE
+        else:
+            least = NARROW_MIN_GRID_SIZE if width == "narrow" else MIN_GRID_SIZE
+        if grid_size < least:
             return False
     if _uniform_spacing(state) is None:
         return False
@@ -114,11 +136,34 @@ def combined_shape(base_weight: Tensor, spline_weight: Tensor) -> tuple[int, ...
 
 
 def _conv(x: Tensor, state: Tensor, weight_shape, option: int, stride, dilation, groups: int):
-    """The sparse kernels' call for the op's channel-last ``x`` ``(N, *S, C)``."""
+    """The sparse kernels' call for the op's channel-last ``x`` ``(N, *S, C)``.
+
+    A dense layer's ``(N, C)`` (no spatial dimensions) runs as a kernel-1 convolution over one
+    sequence of length ``N`` (``(1, C, N)``): the kernels tile and bucket values along the spatial
+    positions, so a bucket's weight rows then serve many samples instead of one (see :func:`_out`,
+    :func:`_grad_out` for the matching views)."""
     from .. import _sparse
 
+    if not stride:
+        return _sparse._Conv(x.t().unsqueeze(0), *_sparse.knot_params(state), tuple(weight_shape) + (1,), option,
+                             1, 1, groups, _kernel(x))
     return _sparse._Conv(x.movedim(-1, 1), *_sparse.knot_params(state), weight_shape, option, list(stride) or 1,
                          list(dilation) or 1, groups)
+
+
+def _kernel(x: Tensor) -> str | None:
+    """The kernels of a call (``None``: :func:`kanvolution._sparse.default_kernel`'s, by width): a
+    dense layer's ``(N, C)`` takes the wide kernels where the narrow ones would serve fewer than
+    :data:`DENSE_NARROW_MIN_BATCH` values per channel."""
+    if x.dim() != 2 or x.shape[0] >= DENSE_NARROW_MIN_BATCH:
+        return None
+    return "wide"
+
+
+def _grad_out(grad_out: Tensor, stride) -> Tensor:
+    """The op's output gradient as the kernels' call of :func:`_conv` sees it (a dense layer's
+    ``(N, O)`` as ``(1, O, N)``, a view)."""
+    return grad_out if stride else grad_out.t().unsqueeze(0)
 
 
 class _PackedKey:
@@ -208,9 +253,11 @@ def _forward(x, state, weight, weight_shape, option, stride, dilation, groups, c
     from .kan import _canonical, _memory_format
 
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
+    prepared = _prepare_packed(conv, weight, True, False)
+    if not stride:  # (1, O, N) with channels-last strides: (N, O), contiguous
+        return conv.forward(prepared, channels_last=True)[0].t()
     fmt = _memory_format(len(stride), channels_last)
-    out = conv.forward(_prepare_packed(conv, weight, True, False), channels_last=fmt != torch.contiguous_format)
-    return _canonical(out, fmt)
+    return _canonical(conv.forward(prepared, channels_last=fmt != torch.contiguous_format), fmt)
 
 
 def forward(x, state, weight, basis, option, activation, stride, dilation, groups, channels_last) -> Tensor | None:
@@ -250,8 +297,9 @@ def _scratch(conv, weight, slot: str) -> Tensor | None:
 
 
 def _backward(conv, grad_out, x, weight, need_x, need_w, unpack: bool):
-    """The input gradient (``(N, *S, C)`` or empty) and the weight gradient: combined layout, or
-    packed (``unpack=False``: possibly a kept buffer, to be consumed before the next call)."""
+    """The input gradient (``(N, *S, C)`` or empty) and the weight gradient: combined layout (of
+    ``conv.weight_shape``), or packed (``unpack=False``: possibly a kept buffer, to be consumed before
+    the next call)."""
     prepared = None
     if need_x or conv.narrow:
         prepared = _prepare_packed(conv, weight, False, need_x)
@@ -275,10 +323,10 @@ def backward(grad_out, x, state, weight, basis, option, activation, stride, dila
         return None
     need_x, need_w = output_mask
     conv = _conv(x, state, weight.shape, option, stride, dilation, groups)
-    grad_x, gw = _backward(conv, grad_out, x, weight, need_x, need_w, True)
+    grad_x, gw = _backward(conv, _grad_out(grad_out, stride), x, weight, need_x, need_w, True)
     from .kan import _strided_like
 
-    return grad_x, (_strided_like(gw, weight) if need_w else weight.new_empty(0))
+    return grad_x, (_strided_like(gw.view(weight.shape), weight) if need_w else weight.new_empty(0))
 
 
 def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_scaler, basis, option, activation,
@@ -292,6 +340,7 @@ def backward_factored(grad_out, x, state, base_weight, spline_weight, spline_sca
     need_x, need = output_mask[0], list(output_mask[1:])
     weight_shape = combined_shape(base_weight, spline_weight)
     conv = _conv(x, state, weight_shape, option, stride, dilation, groups)
+    grad_out = _grad_out(grad_out, stride)
     if any(need) and not conv.narrow:
         # The wide kernels split each channel's packed gradient as soon as it is final (in cache).
         prepared = _prepare_packed(conv, weights, False, True) if need_x else None
